@@ -1,0 +1,1 @@
+"""Runnable example filesystems: ``python -m fusepass.examples.NAME MOUNTPOINT``."""

@@ -1,0 +1,85 @@
+"""Run a filesystem in the foreground from a command line: the shared main of examples and servers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .mount import MountError, MountOptions
+from .ops import Operations
+from .session import Session, SessionError
+
+
+def parse_mount_options(text: str, options: MountOptions) -> list[str]:
+    """Apply a comma-separated ``-o`` string to ``options``; return the options it did not know."""
+    unknown = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, _, value = item.partition("=")
+        if key in ("allow_other", "default_permissions", "ro", "nosuid", "nodev", "noexec", "noatime") and not value:
+            setattr(options, key, True)
+        elif key in ("suid", "dev", "exec", "atime") and not value:
+            setattr(options, "no" + key, False)
+        elif key == "rw" and not value:
+            options.ro = False
+        elif key in ("fsname", "subtype") and value:
+            setattr(options, key, value)
+        elif key == "max_read" and value.isdigit():
+            options.max_read = int(value)
+        else:
+            unknown.append(item)
+    return unknown
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[], help="comma-separated mount options")
+    parser.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
+    parser.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--debug", action="store_true", help="trace every request")
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run_foreground(
+    make_fs: Callable[[argparse.Namespace], Operations], argv: Sequence[str] | None = None,
+    description: str = "", configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    defaults: MountOptions | None = None,
+) -> int:
+    """Parse arguments, mount, serve until unmounted or interrupted; return an exit status."""
+    parser = argparse.ArgumentParser(description=description)
+    if configure:
+        configure(parser)
+    add_session_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    options = defaults or MountOptions()
+    for text in args.options:
+        unknown = parse_mount_options(text, options)
+        if unknown:
+            parser.error(f"unknown mount option(s): {', '.join(unknown)}")
+    try:
+        fs = make_fs(args)
+        session = Session(fs, args.mountpoint, options, threads=args.threads, passthrough=args.passthrough,
+                          debug=args.debug)
+        session.start()
+    except (MountError, SessionError, OSError, ValueError) as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 1
+    try:
+        session.wait_ready()
+    except SessionError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        session.close()
+        return 1
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+    try:
+        session.run()
+    except SessionError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 1
+    return 0

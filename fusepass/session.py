@@ -1,0 +1,637 @@
+"""A running filesystem: worker threads reading /dev/fuse, dispatching to handlers, writing replies.
+
+Each worker owns one descriptor of the connection (the first one, or a clone made with
+FUSE_DEV_IOC_CLONE) and two reusable buffers; it reads a request, parses it with
+``protocol``, calls the filesystem's handler, and writes the reply to the descriptor the
+request came from. Requests therefore complete out of order across workers. The session
+also negotiates INIT, tracks in-flight requests for INTERRUPT, keeps the per-opcode
+counters, owns the backing registry, and sends cache notifications.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from . import abi, mount as mountmod, protocol as P
+from .backing import BackingRegistry
+from .ops import Changes, ConnectionInfo, Context, DirListing, Opened, Operations, implemented
+from .stats import OpSummary, WorkerStats, summarize
+
+log = logging.getLogger("fusepass")
+
+Body = Any  # bytes-like reply payload, or None for "no reply"
+_END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
+_IN_BUFFER = abi.MAX_WRITE + abi.PAGE_SIZE
+_OUT_BUFFER = abi.MAX_PAGES * abi.PAGE_SIZE
+_DEFAULT_WANT = (
+    abi.InitFlag.ASYNC_READ | abi.InitFlag.ATOMIC_O_TRUNC | abi.InitFlag.BIG_WRITES | abi.InitFlag.MAX_PAGES
+    | abi.InitFlag.PARALLEL_DIROPS | abi.InitFlag.AUTO_INVAL_DATA | abi.InitFlag.INIT_EXT
+)
+
+
+class SessionError(RuntimeError):
+    """The session could not start or negotiate; the message says why."""
+
+
+class Session:
+    """Serve ``fs`` at ``mountpoint``.
+
+    ``threads``: worker threads (each with its own cloned descriptor).
+    ``passthrough``: "auto" (use it where the kernel and privileges allow, serve otherwise),
+    "on" (fail at INIT if it cannot be had) or "off".
+    ``max_stack_depth``: 1 for backing files on ordinary filesystems, 2 when they live on
+    overlayfs or another FUSE mount.
+    """
+
+    def __init__(
+        self, fs: Operations, mountpoint: str, options: mountmod.MountOptions | None = None, *,
+        threads: int = 4, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
+    ) -> None:
+        if passthrough not in ("auto", "on", "off"):
+            raise ValueError(f"passthrough must be auto, on or off, not {passthrough!r}")
+        if not 1 <= max_stack_depth <= 2:
+            raise ValueError("max_stack_depth must be 1 or 2")
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.fs = fs
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.options = options or mountmod.MountOptions()
+        self.threads = threads
+        self.passthrough_mode = passthrough
+        self.max_stack_depth = max_stack_depth
+        self.debug = debug
+        self.mount: mountmod.Mount | None = None
+        self.conn: ConnectionInfo | None = None
+        self.connection_id: int | None = None
+        self.registry = BackingRegistry(-1, False, "not negotiated yet")
+        self.passthrough_why_not: str | None = "not negotiated yet"
+        self.failure: str | None = None
+        self.started = time.time()
+        self._parser = P.Parser()
+        self._fds: list[int] = []
+        self._workers: list[threading.Thread] = []
+        self._stats: list[WorkerStats] = []
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self._alive = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Context] = {}
+        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        self._stopping = False
+        self._closed = False
+        self._table = self._build_table()
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Mount and start the workers. Returns at once; see ``wait_ready``."""
+        if self.passthrough_mode == "on" and not mountmod.has_cap_sys_admin():
+            raise SessionError("passthrough needs CAP_SYS_ADMIN, which this process does not have")
+        self.mount = mountmod.mount(self.mountpoint, self.options)
+        self.connection_id = mountmod.connection_id(self.mountpoint)
+        try:
+            self._fds = [self.mount.fd] + [mountmod.clone_device(self.mount.fd) for _ in range(self.threads - 1)]
+        except OSError:
+            self._fds = [self.mount.fd]
+            log.warning("FUSE_DEV_IOC_CLONE failed; serving with one worker")
+        self._alive = len(self._fds)
+        for i, fd in enumerate(self._fds):
+            stats = WorkerStats()
+            self._stats.append(stats)
+            t = threading.Thread(target=self._worker, args=(fd, stats), name=f"fusepass-{i}", daemon=True)
+            self._workers.append(t)
+            t.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until INIT has been answered (the mount can be used) or the session ended.
+        Raises SessionError if negotiation failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.is_set() and not self._finished.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._ready.wait(0.05 if left is None else min(left, 0.05))
+        if self.failure:
+            raise SessionError(self.failure)
+        return self._ready.is_set()
+
+    def run(self) -> None:
+        """Mount, serve until unmounted, then clean up. In the main thread, SIGINT and
+        SIGTERM unmount (a second signal aborts the connection)."""
+        if self.mount is None:
+            self.start()
+        restore = self._install_signal_handlers()
+        try:
+            while not self._finished.wait(0.5):
+                pass
+        finally:
+            for sig, handler in restore:
+                signal.signal(sig, handler)
+            self.close()
+        if self.failure:
+            raise SessionError(self.failure)
+
+    def stop(self) -> None:
+        """Unmount (lazily if busy). Workers end once the kernel drops the connection."""
+        with self._lock:
+            if self._stopping or self.mount is None:
+                return
+            self._stopping = True
+        if mountmod.mount_entry(self.mountpoint) is None:
+            return
+        try:
+            self.mount.unmount(lazy=True)
+        except OSError as e:
+            log.warning("unmount of %s: %s", self.mountpoint, e)
+
+    def abort(self) -> None:
+        """Abort the connection: pending and future requests fail with ENOTCONN."""
+        if self.connection_id is not None:
+            try:
+                mountmod.abort_connection(self.connection_id)
+            except OSError as e:
+                log.warning("abort of connection %s: %s", self.connection_id, e)
+
+    def join(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+    def close(self) -> None:
+        """Release everything after the workers ended (or abort them first)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished.is_set():
+            self.stop()
+            if not self._finished.wait(5):
+                self.abort()
+                self._finished.wait(5)
+        self.registry.close_all()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        try:
+            self.fs.destroy()
+        except Exception:
+            log.exception("destroy() raised")
+
+    def __enter__(self) -> Session:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _install_signal_handlers(self) -> list[tuple[int, Any]]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        signals_seen = [0]
+
+        def on_signal(signum: int, frame: object) -> None:
+            signals_seen[0] += 1
+            if signals_seen[0] == 1:
+                log.info("signal %d: unmounting %s", signum, self.mountpoint)
+                threading.Thread(target=self.stop, daemon=True).start()
+            else:
+                log.warning("second signal: aborting the connection")
+                self.abort()
+
+        restore = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            restore.append((sig, signal.signal(sig, on_signal)))
+        return restore
+
+    # --- status --------------------------------------------------------------
+
+    def op_stats(self) -> dict[str, OpSummary]:
+        return summarize(self._stats)
+
+    @property
+    def passthrough(self) -> bool:
+        return self.registry.available
+
+    # --- notifications -------------------------------------------------------
+
+    def _notify(self, message: bytes) -> None:
+        if not self._fds:
+            raise OSError(errno.ENOTCONN, "the session is not running")
+        os.write(self._fds[0], message)
+
+    def invalidate_inode(self, ino: int, offset: int = 0, length: int = 0) -> None:
+        """Drop the kernel's cached attributes of ``ino`` and its data from ``offset``
+        (``offset`` < 0: attributes only). Do not call it from a handler of ``ino``."""
+        self._notify(P.notify_inval_inode(ino, offset, length))
+
+    def invalidate_entry(self, parent: int, name: bytes, expire_only: bool = False) -> None:
+        """Drop the kernel's cached lookup of ``name`` in ``parent``."""
+        self._notify(P.notify_inval_entry(parent, name, expire_only))
+
+    def notify_delete(self, parent: int, child: int, name: bytes) -> None:
+        """Tell the kernel ``name`` in ``parent`` (node ``child``) was deleted."""
+        self._notify(P.notify_delete(parent, child, name))
+
+    def store(self, ino: int, offset: int, data: bytes) -> None:
+        """Put ``data`` into the kernel's page cache of ``ino`` (not for passthrough files)."""
+        self._notify(P.notify_store(ino, offset, data))
+
+    # --- the worker ----------------------------------------------------------
+
+    def _worker(self, fd: int, stats: WorkerStats) -> None:
+        inbuf = bytearray(_IN_BUFFER)
+        inview = memoryview(inbuf)
+        outbuf = bytearray(_OUT_BUFFER)
+        outview = memoryview(outbuf)
+        table = self._table
+        parse = self._parser.parse
+        perf = time.perf_counter_ns
+        try:
+            while True:
+                try:
+                    n = os.readv(fd, [inbuf])
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.EAGAIN, errno.EINTR):
+                        continue
+                    if e.errno not in _END_ERRNOS:
+                        log.error("reading %s: %s", mountmod.DEVICE, e)
+                    return
+                t0 = perf()
+                try:
+                    req = parse(inview[:n])
+                except P.ProtocolError as e:
+                    self._protocol_error(fd, e, stats)
+                    continue
+                h = req.header
+                opcode = h.opcode
+                ctx = Context(h.uid, h.gid, h.pid, h.unique, outview)
+                tracked = opcode not in abi.NO_REPLY_OPCODES
+                if tracked:
+                    self._track(ctx)
+                failed = False
+                try:
+                    body = table.get(opcode, self._enosys)(req, ctx, outbuf)
+                    if body is not None:
+                        self._send(fd, (P.reply_header(h.unique, len(body)), body), ctx)
+                except OSError as e:
+                    failed = True
+                    err = e.errno if e.errno else errno.EIO
+                    if tracked:
+                        self._send(fd, (P.encode_error(h.unique, err),), ctx)
+                except Exception:
+                    failed = True
+                    log.error("handler for %s raised:\n%s", _opname(opcode), traceback.format_exc())
+                    if tracked:
+                        self._send(fd, (P.encode_error(h.unique, errno.EIO),), ctx)
+                finally:
+                    if tracked:
+                        self._untrack(ctx)
+                elapsed = perf() - t0
+                stats.record(opcode, failed, elapsed)
+                if self.debug:
+                    log.debug("%s", _trace(req, failed, elapsed))
+                if opcode == abi.Opcode.INIT:
+                    self._ready.set()
+        finally:
+            with self._lock:
+                self._alive -= 1
+                last = self._alive == 0
+            if last:
+                self._ready.set()
+                self._finished.set()
+
+    def _send(self, fd: int, parts: tuple[Any, ...], ctx: Context) -> None:
+        try:
+            os.writev(fd, parts)
+        except OSError as e:
+            # ENOENT: the request is gone (interrupted, or the opener died); undo what the reply promised.
+            if e.errno not in (errno.ENOENT, *_END_ERRNOS):
+                log.error("writing a reply of %d bytes: %s", sum(len(p) for p in parts), e)
+            if ctx.undo is not None:
+                ctx.undo()
+
+    def _protocol_error(self, fd: int, e: P.ProtocolError, stats: WorkerStats) -> None:
+        log.error("malformed request: %s", e)
+        h = e.header
+        if h is None:
+            return
+        stats.record(h.opcode if h.opcode < 64 else 0, True, 0)
+        if h.opcode not in abi.NO_REPLY_OPCODES:
+            try:
+                os.write(fd, P.encode_error(h.unique, errno.EIO))
+            except OSError:
+                pass
+
+    def _track(self, ctx: Context) -> None:
+        with self._lock:
+            self._inflight[ctx.unique] = ctx
+            early = self._early_interrupts.pop(ctx.unique, 0) is None
+        if early:
+            ctx.interrupt()
+
+    def _untrack(self, ctx: Context) -> None:
+        with self._lock:
+            self._inflight.pop(ctx.unique, None)
+
+    # --- dispatch ------------------------------------------------------------
+
+    def _build_table(self) -> dict[int, Callable[[Any, Context, bytearray], Body]]:
+        O = abi.Opcode
+        fs = self.fs
+        # opcode -> (session method, the fs handler it needs or None if always served)
+        plan: dict[int, tuple[Callable[..., Body], str | None]] = {
+            O.INIT: (self._op_init, None),
+            O.DESTROY: (lambda r, c, b: b"", None),
+            O.INTERRUPT: (self._op_interrupt, None),
+            O.FORGET: (self._op_forget, None),
+            O.BATCH_FORGET: (self._op_forget, None),
+            O.LOOKUP: (self._op_lookup, "lookup"),
+            O.GETATTR: (lambda r, c, b: P.attr_body(fs.getattr(c, r.header.nodeid, r.fh), fs.attr_timeout), "getattr"),
+            O.SETATTR: (self._op_setattr, "setattr"),
+            O.STATX: (self._op_statx, "statx"),
+            O.READLINK: (lambda r, c, b: fs.readlink(c, r.header.nodeid), "readlink"),
+            O.SYMLINK: (lambda r, c, b: P.entry_body(fs.symlink(c, r.header.nodeid, r.name, r.target)), "symlink"),
+            O.MKNOD: (lambda r, c, b: P.entry_body(fs.mknod(c, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)), "mknod"),
+            O.MKDIR: (lambda r, c, b: P.entry_body(fs.mkdir(c, r.header.nodeid, r.name, r.mode, r.umask)), "mkdir"),
+            O.UNLINK: (lambda r, c, b: fs.unlink(c, r.header.nodeid, r.name) or b"", "unlink"),
+            O.RMDIR: (lambda r, c, b: fs.rmdir(c, r.header.nodeid, r.name) or b"", "rmdir"),
+            O.RENAME: (self._op_rename, "rename"),
+            O.RENAME2: (self._op_rename, "rename"),
+            O.LINK: (lambda r, c, b: P.entry_body(fs.link(c, r.oldnodeid, r.header.nodeid, r.newname)), "link"),
+            O.OPEN: (self._op_open, "open"),
+            O.CREATE: (self._op_create, "create"),
+            O.TMPFILE: (self._op_tmpfile, "tmpfile"),
+            O.READ: (lambda r, c, b: fs.read(c, r.header.nodeid, r.fh, r.offset, r.size), "read"),
+            O.WRITE: (self._op_write, "write"),
+            O.FLUSH: (lambda r, c, b: fs.flush(c, r.header.nodeid, r.fh, r.lock_owner) or b"", "flush"),
+            O.RELEASE: (self._op_release, None),
+            O.FSYNC: (lambda r, c, b: fs.fsync(c, r.header.nodeid, r.fh, r.datasync) or b"", "fsync"),
+            O.FALLOCATE: (lambda r, c, b: fs.fallocate(c, r.header.nodeid, r.fh, r.offset, r.length, r.mode) or b"", "fallocate"),
+            O.LSEEK: (lambda r, c, b: abi.LSEEK_OUT.pack(fs.lseek(c, r.header.nodeid, r.fh, r.offset, r.whence)), "lseek"),
+            O.COPY_FILE_RANGE: (self._op_copy_file_range, "copy_file_range"),
+            O.COPY_FILE_RANGE_64: (self._op_copy_file_range, "copy_file_range"),
+            O.STATFS: (self._op_statfs, None),
+            O.ACCESS: (lambda r, c, b: fs.access(c, r.header.nodeid, r.mask) or b"", "access"),
+            O.OPENDIR: (self._op_opendir, "opendir"),
+            O.READDIR: (self._op_readdir, "readdir"),
+            O.READDIRPLUS: (self._op_readdir, "readdir"),
+            O.RELEASEDIR: (lambda r, c, b: fs.releasedir(c, r.header.nodeid, r.fh) or b"", None),
+            O.FSYNCDIR: (lambda r, c, b: fs.fsyncdir(c, r.header.nodeid, r.fh, r.datasync) or b"", "fsyncdir"),
+            O.SETXATTR: (lambda r, c, b: fs.setxattr(c, r.header.nodeid, r.name, r.value, r.flags) or b"", "setxattr"),
+            O.GETXATTR: (self._op_getxattr, "getxattr"),
+            O.LISTXATTR: (self._op_listxattr, "listxattr"),
+            O.REMOVEXATTR: (lambda r, c, b: fs.removexattr(c, r.header.nodeid, r.name) or b"", "removexattr"),
+            O.GETLK: (self._op_getlk, "getlk"),
+            O.SETLK: (self._op_setlk, "setlk"),
+            O.SETLKW: (self._op_setlk, "setlk"),
+        }
+        return {op: fn for op, (fn, need) in plan.items() if need is None or implemented(fs, need)}
+
+    def _enosys(self, req: Any, ctx: Context, buf: bytearray) -> Body:
+        raise OSError(errno.ENOSYS, "not implemented")
+
+    def _op_init(self, req: P.Init, ctx: Context, buf: bytearray) -> Body:
+        if req.major != abi.KERNEL_VERSION or req.minor < abi.MIN_KERNEL_MINOR_VERSION:
+            self.failure = (
+                f"kernel FUSE protocol {req.major}.{req.minor} is too old: fusepass needs "
+                f"{abi.KERNEL_VERSION}.{abi.MIN_KERNEL_MINOR_VERSION} or newer"
+            )
+            log.error("%s", self.failure)
+            raise OSError(errno.EPROTO, self.failure)
+        minor = min(req.minor, abi.KERNEL_MINOR_VERSION)
+        offered = abi.InitFlag(req.flags)
+        want = _DEFAULT_WANT
+        if self.fs.readdirplus:
+            want |= abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO
+        if implemented(self.fs, "getlk") and implemented(self.fs, "setlk"):
+            want |= abi.InitFlag.POSIX_LOCKS
+        if implemented(self.fs, "flock"):
+            want |= abi.InitFlag.FLOCK_LOCKS
+        if self.passthrough_mode != "off":
+            want |= abi.InitFlag.PASSTHROUGH
+        conn = ConnectionInfo(
+            proto_minor=minor, kernel_flags=offered, want=want, max_write=abi.MAX_WRITE,
+            max_readahead=req.max_readahead, max_pages=abi.MAX_PAGES, max_stack_depth=self.max_stack_depth,
+        )
+        self.fs.init(conn)
+        want = conn.want
+        for flag, since in abi.INIT_FLAG_MINOR.items():
+            if minor < since:
+                want &= ~flag
+        granted = want & offered
+        why_not = self._passthrough_refusal(want, granted)
+        if why_not:
+            granted &= ~abi.InitFlag.PASSTHROUGH
+            if self.passthrough_mode == "on":
+                self.failure = f"passthrough was required but cannot be had: {why_not}"
+                log.error("%s", self.failure)
+                raise OSError(errno.EPROTO, self.failure)
+            if self.passthrough_mode == "auto":
+                log.info("passthrough off: %s", why_not)
+        conn.want = granted
+        self.conn = conn
+        self.passthrough_why_not = why_not
+        self.registry = BackingRegistry(self._fds[0] if self._fds else -1, why_not is None, why_not)
+        self._parser.setxattr_ext = bool(granted & abi.InitFlag.SETXATTR_EXT)
+        return P.init_body(
+            minor, min(conn.max_readahead, req.max_readahead), int(granted), conn.max_background,
+            conn.congestion_threshold, conn.max_write, conn.time_gran, conn.max_pages,
+            conn.max_stack_depth if why_not is None else 0,
+        )
+
+    def _passthrough_refusal(self, want: abi.InitFlag, granted: abi.InitFlag) -> str | None:
+        F = abi.InitFlag
+        if self.passthrough_mode == "off":
+            return "switched off (passthrough=off)"
+        if not want & F.PASSTHROUGH:
+            return "the filesystem turned it off in init()"
+        if not granted & F.PASSTHROUGH:
+            return "the kernel does not offer FUSE_PASSTHROUGH (needs Linux 6.9+ built with CONFIG_FUSE_PASSTHROUGH)"
+        if want & F.WRITEBACK_CACHE:
+            return "the filesystem asked for writeback cache, which excludes passthrough"
+        if not mountmod.has_cap_sys_admin():
+            return "the server lacks CAP_SYS_ADMIN, which the backing ioctls require"
+        return None
+
+    def _op_interrupt(self, req: P.Interrupt, ctx: Context, buf: bytearray) -> Body:
+        with self._lock:
+            target = self._inflight.get(req.target)
+            if target is None:
+                # Read by another worker that has not registered it yet (or already done).
+                self._early_interrupts[req.target] = None
+                while len(self._early_interrupts) > 1024:
+                    self._early_interrupts.popitem(last=False)
+        if target is not None:
+            target.interrupt()
+        return None
+
+    def _op_forget(self, req: P.Forget, ctx: Context, buf: bytearray) -> Body:
+        self.fs.forget(req.items)
+        return None
+
+    def _op_lookup(self, req: P.Lookup, ctx: Context, buf: bytearray) -> Body:
+        try:
+            return P.entry_body(self.fs.lookup(ctx, req.header.nodeid, req.name))
+        except OSError as e:
+            if e.errno == errno.ENOENT and self.fs.negative_timeout > 0:
+                return P.negative_entry_body(self.fs.negative_timeout)
+            raise
+
+    def _op_setattr(self, r: P.Setattr, ctx: Context, buf: bytearray) -> Body:
+        F = abi.FattrFlag
+        v = r.valid
+        changes = Changes(
+            mode=r.mode if v & F.MODE else None,
+            uid=r.uid if v & F.UID else None,
+            gid=r.gid if v & F.GID else None,
+            size=r.size if v & F.SIZE else None,
+            atime_ns=r.atime * 1_000_000_000 + r.atimensec if v & F.ATIME and not v & F.ATIME_NOW else None,
+            mtime_ns=r.mtime * 1_000_000_000 + r.mtimensec if v & F.MTIME and not v & F.MTIME_NOW else None,
+            ctime_ns=r.ctime * 1_000_000_000 + r.ctimensec if v & F.CTIME else None,
+            atime_now=bool(v & F.ATIME_NOW),
+            mtime_now=bool(v & F.MTIME_NOW),
+            kill_suidgid=bool(v & F.KILL_SUIDGID),
+        )
+        return P.attr_body(self.fs.setattr(ctx, r.header.nodeid, changes, r.fh), self.fs.attr_timeout)
+
+    def _op_statx(self, r: P.Statx, ctx: Context, buf: bytearray) -> Body:
+        return P.statx_body(self.fs.statx(ctx, r.header.nodeid, r.fh, r.sx_flags, r.sx_mask), self.fs.attr_timeout)
+
+    def _op_rename(self, r: P.Rename, ctx: Context, buf: bytearray) -> Body:
+        self.fs.rename(ctx, r.header.nodeid, r.name, r.newdir, r.newname, r.flags)
+        return b""
+
+    def _opened_body(self, ino: int, opened: Opened, ctx: Context, regular: bool) -> bytes:
+        """Encode an open reply, routing regular files through the backing registry."""
+        flags = opened.fopen_flags()
+        backing_id = 0
+        if regular:
+            backing_id, _ = self.registry.acquire(ino, opened.backing_fd)
+            if backing_id:
+                flags = (flags & abi.FOPEN_PASSTHROUGH_COMPATIBLE) | abi.FopenFlag.PASSTHROUGH
+            fh = opened.fh
+
+            def undo() -> None:
+                self.registry.release(ino)
+                self.fs.release(ctx, ino, fh, 0)
+
+            ctx.undo = undo
+        else:
+            fh = opened.fh
+
+            def undo_dir() -> None:
+                self.fs.releasedir(ctx, ino, fh)
+
+            ctx.undo = undo_dir
+        return P.open_body(opened.fh, flags, backing_id)
+
+    def _op_open(self, r: P.Open, ctx: Context, buf: bytearray) -> Body:
+        ino = r.header.nodeid
+        return self._opened_body(ino, self.fs.open(ctx, ino, r.flags), ctx, True)
+
+    def _op_opendir(self, r: P.Open, ctx: Context, buf: bytearray) -> Body:
+        ino = r.header.nodeid
+        return self._opened_body(ino, self.fs.opendir(ctx, ino, r.flags), ctx, False)
+
+    def _op_create(self, r: P.Create, ctx: Context, buf: bytearray) -> Body:
+        entry, opened = self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
+        return P.entry_body(entry) + self._opened_body(entry.nodeid, opened, ctx, True)
+
+    def _op_tmpfile(self, r: P.Create, ctx: Context, buf: bytearray) -> Body:
+        entry, opened = self.fs.tmpfile(ctx, r.header.nodeid, r.mode, r.umask, r.flags)
+        return P.entry_body(entry) + self._opened_body(entry.nodeid, opened, ctx, True)
+
+    def _op_release(self, r: P.Release, ctx: Context, buf: bytearray) -> Body:
+        ino = r.header.nodeid
+        try:
+            if r.release_flags & abi.RELEASE_FLOCK_UNLOCK and implemented(self.fs, "flock"):
+                self.fs.flock(ctx, ino, r.fh, r.lock_owner, _F_UNLCK, False)
+            self.fs.release(ctx, ino, r.fh, r.flags)
+        finally:
+            self.registry.release(ino)
+        return b""
+
+    def _op_write(self, r: P.Write, ctx: Context, buf: bytearray) -> Body:
+        written = self.fs.write(ctx, r.header.nodeid, r.fh, r.offset, r.data, r.write_flags)
+        return abi.WRITE_OUT.pack(written, 0)
+
+    def _op_copy_file_range(self, r: P.CopyFileRange, ctx: Context, buf: bytearray) -> Body:
+        n = self.fs.copy_file_range(
+            ctx, r.header.nodeid, r.fh_in, r.off_in, r.nodeid_out, r.fh_out, r.off_out, r.length, r.flags
+        )
+        if r.header.opcode == abi.Opcode.COPY_FILE_RANGE:
+            return abi.WRITE_OUT.pack(min(n, 0xFFFFFFFF), 0)
+        return abi.COPY_FILE_RANGE_OUT.pack(n)
+
+    def _op_statfs(self, r: P.Statfs, ctx: Context, buf: bytearray) -> Body:
+        if implemented(self.fs, "statfs"):
+            return P.statfs_body(self.fs.statfs(ctx, r.header.nodeid))
+        return P.statfs_body(P.StatfsReply(0, 0, 0, 0, 0, 512, 255, 512))
+
+    def _op_readdir(self, r: P.Read, ctx: Context, buf: bytearray) -> Body:
+        plus = r.header.opcode == abi.Opcode.READDIRPLUS
+        listing = DirListing(buf, r.size, plus, self.fs.entry_timeout, self.fs.attr_timeout)
+        self.fs.readdir(ctx, r.header.nodeid, r.fh, r.offset, listing)
+        return listing.result()
+
+    def _op_getxattr(self, r: P.Getxattr, ctx: Context, buf: bytearray) -> Body:
+        return _sized(self.fs.getxattr(ctx, r.header.nodeid, r.name), r.size)
+
+    def _op_listxattr(self, r: P.Listxattr, ctx: Context, buf: bytearray) -> Body:
+        return _sized(P.join_names(self.fs.listxattr(ctx, r.header.nodeid)), r.size)
+
+    def _op_getlk(self, r: P.Lock, ctx: Context, buf: bytearray) -> Body:
+        start, end, typ, pid = self.fs.getlk(ctx, r.header.nodeid, r.fh, r.owner, r.start, r.end, r.type, r.pid)
+        return P.lock_body(start, end, typ, pid)
+
+    def _op_setlk(self, r: P.Lock, ctx: Context, buf: bytearray) -> Body:
+        wait = r.header.opcode == abi.Opcode.SETLKW
+        if r.lk_flags & abi.LK_FLOCK:
+            self.fs.flock(ctx, r.header.nodeid, r.fh, r.owner, r.type, wait)
+        else:
+            self.fs.setlk(ctx, r.header.nodeid, r.fh, r.owner, r.start, r.end, r.type, r.pid, wait)
+        return b""
+
+
+_F_UNLCK = 2
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """The xattr reply convention: size 0 asks for the length; too small a size is ERANGE."""
+    if size == 0:
+        return abi.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise OSError(errno.ERANGE, "buffer too small")
+    return value
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return abi.Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
+
+
+def _trace(req: Any, failed: bool, elapsed_ns: int) -> str:
+    h = req.header
+    fields = " ".join(
+        f"{k}={getattr(req, k)!r}" for k in req.__slots__ if k not in ("header", "data")
+    )
+    return (
+        f"{_opname(h.opcode)} unique={h.unique} node={h.nodeid} uid={h.uid} pid={h.pid} {fields}"
+        f" -> {'error' if failed else 'ok'} in {elapsed_ns / 1000:.0f}us"
+    )

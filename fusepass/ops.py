@@ -187,6 +187,10 @@ class Operations:
     def destroy(self) -> None:
         """Called once when the session ends, after the last request."""
 
+    def status(self) -> dict[str, object]:
+        """Filesystem-specific facts for ``fusepass status`` (under the key "filesystem")."""
+        return {}
+
     # names and attributes
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         raise OSError(errno.ENOSYS, "lookup")

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .control import ControlServer
 from .mount import MountError, MountOptions
 from .ops import Operations
 from .session import Session, SessionError
@@ -64,22 +65,40 @@ def run_foreground(
         fs = make_fs(args)
         session = Session(fs, args.mountpoint, options, threads=args.threads, passthrough=args.passthrough,
                           debug=args.debug)
-        session.start()
-    except (MountError, SessionError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1
+    return serve(session, args.ready_fd, parser.prog)
+
+
+def serve(session: Session, ready_fd: int | None, prog: str) -> int:
+    """Mount, report readiness on ``ready_fd`` (b"ready\n", or the error text), answer status
+    queries on the control socket, and serve until unmounted. Returns an exit status."""
     try:
+        session.start()
         session.wait_ready()
-    except SessionError as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+    except (MountError, SessionError, OSError) as e:
         session.close()
+        if ready_fd is not None:
+            os.write(ready_fd, f"{e}\n".encode())
+            os.close(ready_fd)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"ready\n")
-        os.close(args.ready_fd)
+    control = None
+    if session.connection_id is not None:
+        try:
+            control = ControlServer(session, session.connection_id)
+        except OSError as e:
+            logging.getLogger("fusepass").warning("no status socket: %s", e)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
     try:
         session.run()
     except SessionError as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if control is not None:
+            control.close()
     return 0

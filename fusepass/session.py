@@ -124,13 +124,17 @@ class Session:
             raise SessionError(self.failure)
         return self._ready.is_set()
 
-    def run(self) -> None:
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Mount, serve until unmounted, then clean up. In the main thread, SIGINT and
-        SIGTERM unmount (a second signal aborts the connection)."""
+        SIGTERM unmount (a second signal aborts the connection). ``on_ready`` is called once
+        INIT has been answered and the signal handlers are in place, so whoever it tells
+        may signal at once."""
         if self.mount is None:
             self.start()
         restore = self._install_signal_handlers()
         try:
+            if on_ready is not None and self.wait_ready():
+                on_ready()
             while not self._finished.wait(0.5):
                 pass
         finally:
@@ -225,6 +229,40 @@ class Session:
     @property
     def passthrough(self) -> bool:
         return self.registry.available
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot: the schema ``fusepass status --json`` documents."""
+        ops = self.op_stats()
+        reg = self.registry
+        try:
+            open_fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            open_fds = -1
+        return {
+            "mountpoint": self.mountpoint,
+            "fsname": self.options.fsname,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "options": _options_dict(self.options),
+            "threads": len(self._fds),
+            "passthrough": {
+                "mode": self.passthrough_mode,
+                "negotiated": reg.available,
+                "why_not": self.passthrough_why_not,
+                "max_stack_depth": self.max_stack_depth,
+                "opens": reg.passthrough_opens,
+                "served_opens": sum(reg.served_opens.values()),
+                "served_reasons": dict(reg.served_opens),
+                "backing_ids": reg.registered,
+            },
+            "requests": {
+                name: {"count": o.requests, "errors": o.errors, "total_ms": round(o.total_ns / 1e6, 3),
+                       "p50_us": o.p50_ns / 1000, "p99_us": o.p99_ns / 1000}
+                for name, o in ops.items()
+            },
+            "open_fds": open_fds,
+            "filesystem": self.fs.status(),
+        }
 
     # --- notifications -------------------------------------------------------
 
@@ -608,6 +646,13 @@ class Session:
 
 
 _F_UNLCK = 2
+
+
+def _options_dict(o: mountmod.MountOptions) -> dict[str, Any]:
+    return {
+        "fsname": o.fsname, "subtype": o.subtype, "allow_other": o.allow_other,
+        "default_permissions": o.default_permissions, "ro": o.ro, "max_read": o.max_read,
+    }
 
 
 def _sized(value: bytes, size: int) -> bytes:

@@ -1,0 +1,192 @@
+"""The ``fusepass`` command: mount a mirror of a directory, unmount it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import control
+from . import mount as mountmod
+from .mirror import Mirror
+from .mount import MountError, MountOptions
+from .serve import parse_mount_options, serve
+from .session import Session, SessionError
+
+PROG = "fusepass"
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _mirror_options(unknown: list[str]) -> dict[str, float | int]:
+    """fusepass's own -o options: ``timeout=SECONDS`` (entry/attribute cache), ``max_path_fds=N``."""
+    out: dict[str, float | int] = {}
+    for item in unknown:
+        key, _, value = item.partition("=")
+        try:
+            if key == "timeout":
+                out["timeout"] = float(value)
+            elif key == "max_path_fds":
+                out["max_path_fds"] = int(value)
+            else:
+                raise UsageError(f"unknown mount option: {item}")
+        except ValueError:
+            raise UsageError(f"bad value in mount option: {item}") from None
+    return out
+
+
+def _prepare(args: argparse.Namespace) -> Session:
+    source = os.path.abspath(args.source)
+    if not os.path.exists(source):
+        raise UsageError(f"source {source} does not exist")
+    if not os.path.isdir(source):
+        raise UsageError(f"source {source} is not a directory")
+    mnt = os.path.abspath(args.mountpoint)
+    real_src, real_mnt = os.path.realpath(source), os.path.realpath(mnt)
+    if real_mnt == real_src or real_mnt.startswith(real_src.rstrip("/") + "/"):
+        raise UsageError(f"mount point {mnt} is inside the source {source}: that would loop")
+    options = MountOptions(fsname=source.replace(",", "_").replace(" ", "_") or "fusepass",
+                           subtype="fusepass", default_permissions=True)
+    extra: list[str] = []
+    for text in args.options:
+        extra += parse_mount_options(text, options)
+    fs_options = _mirror_options(extra)
+    fs = Mirror(source, **fs_options)  # type: ignore[arg-type]
+    return Session(fs, mnt, options, threads=args.threads, passthrough=args.passthrough,
+                   max_stack_depth=2 if fs.stacked else 1, debug=args.debug)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    session = _prepare(args)
+    mountmod.check_mountpoint(args.mountpoint)
+    if args.foreground:
+        return serve(session, None, PROG)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        if not args.debug:
+            os.dup2(devnull, 1)
+        os._exit(serve(session, w, PROG))
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    message = os.read(r, 4096).decode(errors="replace") if ready else "timed out waiting for the server"
+    os.close(r)
+    if message.startswith("ready"):
+        return 0
+    print(f"{PROG}: {message.strip() or 'the server exited before the mount was ready'}", file=sys.stderr)
+    return 1
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    entry = mountmod.mount_entry(mnt)
+    if entry is None:
+        raise UsageError(f"{mnt} is not mounted")
+    if not entry[1].startswith("fuse"):
+        raise UsageError(f"{mnt} is not a FUSE mount ({entry[1]})")
+    mountmod.unmount(mnt, lazy=args.lazy)
+    print(f"unmounted {mnt}")
+    return 0
+
+
+def fusepass_mounts() -> list[str]:
+    """Mount points of every fusepass mount, from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "fuse.fusepass":
+                out.append(mountmod._unescape(left.split()[4]))
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mounts = [os.path.abspath(args.mountpoint)] if args.mountpoint else fusepass_mounts()
+    report: list[dict[str, object]] = []
+    failed = False
+    for mnt in mounts:
+        try:
+            report.append(control.query(mnt))
+        except OSError as e:
+            failed = True
+            report.append({"mountpoint": mnt, "error": str(e)})
+    if args.json:
+        print(json.dumps(report if not args.mountpoint else report[0], indent=2))
+    else:
+        for st in report:
+            print(_format_status(st))
+        if not report:
+            print("no fusepass mounts")
+    return 1 if failed else 0
+
+
+def _format_status(st: dict[str, Any]) -> str:
+    if "error" in st:
+        return f"{st['mountpoint']}: {st['error']}"
+    pt = st["passthrough"]
+    fs = st.get("filesystem", {})
+    lines = [
+        f"{st['mountpoint']}  (source {fs.get('source', st['fsname'])}, pid {st['pid']}, up {st['uptime_s']:.0f}s,"
+        f" {st['threads']} threads, {st['open_fds']} open fds)",
+        "  passthrough: " + ("on" if pt["negotiated"] else f"off ({pt['why_not']})")
+        + f"; opens {pt['opens']} passed through, {pt['served_opens']} served; backing ids now {pt['backing_ids']}",
+    ]
+    for reason, n in pt["served_reasons"].items():
+        lines.append(f"    served {n}x: {reason}")
+    lines.append(f"  {'request':<16}{'count':>10}{'errors':>8}{'p50 us':>10}{'p99 us':>10}")
+    for name, r in sorted(st["requests"].items(), key=lambda kv: -kv[1]["count"]):
+        lines.append(f"  {name:<16}{r['count']:>10}{r['errors']:>8}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Mirror a directory through FUSE with kernel passthrough.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount a mirror of SOURCE at MOUNTPOINT")
+    m.add_argument("source")
+    m.add_argument("mountpoint")
+    m.add_argument("-o", dest="options", action="append", default=[],
+                   help="comma-separated options: ro, allow_other, default_permissions, fsname=, timeout=SECONDS")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
+    m.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto")
+    m.add_argument("--threads", type=int, default=4)
+    m.add_argument("--debug", action="store_true", help="trace every request and reply")
+    m.set_defaults(func=cmd_mount)
+    u = sub.add_parser("umount", help="unmount MOUNTPOINT")
+    u.add_argument("mountpoint")
+    u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
+    u.set_defaults(func=cmd_umount)
+    s = sub.add_parser("status", help="show what fusepass mounts are doing")
+    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
+    s.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except (MountError, SessionError, OSError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""ctypes wrappers for the Linux calls Python's ``os`` module lacks (renameat2, file handles,
+fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on O_PATH descriptors, statx)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+def _check(ret: int, what: str, path: str | bytes | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return ret
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
+    _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, ctypes.c_uint(flags)), "renameat2", oldname)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def name_to_handle(fd: int) -> bytes:
+    """The file handle of the file ``fd`` refers to (an O_PATH fd is fine), as opaque bytes."""
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH),
+           "name_to_handle_at")
+    header = fh.handle_type.to_bytes(4, "little", signed=True)
+    return header + bytes(fh.f_handle[: fh.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open the file named by ``handle`` (from ``name_to_handle``) on the filesystem of ``mount_fd``.
+    Needs CAP_DAC_READ_SEARCH; ESTALE if the file no longer exists."""
+    fh = _FileHandle()
+    fh.handle_type = int.from_bytes(handle[:4], "little", signed=True)
+    data = handle[4:]
+    fh.handle_bytes = len(data)
+    ctypes.memmove(fh.f_handle, data, len(data))
+    return _check(_libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC), "open_by_handle_at")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)), "fallocate")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimens(path: bytes, atime_ns: int | None, mtime_ns: int | None, atime_now: bool = False,
+            mtime_now: bool = False) -> None:
+    """Set times of ``path`` (following it); None leaves a time alone, *_now sets the current time."""
+    times = (_Timespec * 2)()
+    for ts, ns, now in ((times[0], atime_ns, atime_now), (times[1], mtime_ns, mtime_now)):
+        if now:
+            ts.tv_sec, ts.tv_nsec = 0, UTIME_NOW
+        elif ns is None:
+            ts.tv_sec, ts.tv_nsec = 0, UTIME_OMIT
+        else:
+            ts.tv_sec, ts.tv_nsec = divmod(ns, 1_000_000_000)
+    _check(_libc.utimensat(AT_FDCWD, path, times, 0), "utimensat", path)
+
+
+def fchownat(dirfd: int, name: bytes, uid: int, gid: int, flags: int) -> None:
+    """chown relative to ``dirfd``; with ``name`` b"" and AT_EMPTY_PATH, chown ``dirfd`` itself
+    (works on O_PATH descriptors and on symlinks)."""
+    _check(_libc.fchownat(dirfd, name, ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF), flags),
+           "fchownat", name)

@@ -1,0 +1,175 @@
+"""Shared fixtures: filesystem servers in child processes, with a teardown that never leaves a mount behind."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusepass import mount as mountmod
+
+REPO = Path(__file__).resolve().parent.parent
+SERVERS = Path(__file__).resolve().parent / "servers"
+READY_TIMEOUT = 30.0
+
+
+class ServerProcess:
+    """A FUSE server in a child process. ``start`` returns once the server reports the
+    filesystem answers (INIT done), through a pipe; ``stop`` unmounts, and escalates to
+    aborting the connection and killing the process (by pid) if it does not end."""
+
+    def __init__(self, argv: Sequence[str], mountpoint: Path, *, user: tuple[int, int] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.mountpoint = Path(mountpoint)
+        self.user = user
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.connection: int | None = None
+        self.stderr_path = self.mountpoint.parent / f"{self.mountpoint.name}.server.log"
+
+    def start(self) -> ServerProcess:
+        r, w = os.pipe()
+        kwargs: dict[str, Any] = {}
+        if self.user is not None:
+            kwargs.update(user=self.user[0], group=self.user[1], extra_groups=[])
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv + ["--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                stdout=err, stderr=err, env=self.env, **kwargs,
+            )
+        os.close(w)
+        try:
+            ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
+            line = os.read(r, 64) if ready else b""
+        finally:
+            os.close(r)
+        if line != b"ready\n":
+            self.stop()
+            raise RuntimeError(f"server did not become ready ({line!r}); log:\n{self.log()}")
+        self.connection = mountmod.connection_id(str(self.mountpoint))
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def mounted(self) -> bool:
+        return mountmod.mount_entry(str(self.mountpoint)) is not None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Unmount and wait for the server; abort and kill it if it hangs. Returns its exit status."""
+        if self.mounted():
+            try:
+                mountmod.unmount(str(self.mountpoint), lazy=True)
+            except OSError:
+                pass
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.connection is not None:
+            try:
+                mountmod.abort_connection(self.connection)
+            except OSError:
+                pass
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def cleanup(self) -> None:
+        """Teardown that always runs: nothing may stay mounted or running."""
+        try:
+            self.stop()
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            if self.mounted():
+                if self.connection is not None:
+                    mountmod.abort_connection(self.connection)
+                mountmod.unmount(str(self.mountpoint), lazy=True)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a server: ``start_server(argv_without_mountpoint, mountpoint=None, user=None)``."""
+    servers: list[ServerProcess] = []
+
+    def start(argv: Sequence[str], mountpoint: Path | None = None, **kw: Any) -> ServerProcess:
+        mnt = mountpoint or tmp_path / f"mnt{len(servers)}"
+        mnt.mkdir(exist_ok=True)
+        server = ServerProcess([*argv, str(mnt)], mnt, **kw)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(servers):
+        server.cleanup()
+
+
+def python_module(name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", name, *args]
+
+
+def server_script(name: str, *args: str) -> list[str]:
+    """A test server from tests/servers/, run as a script with the repo importable."""
+    return [sys.executable, str(SERVERS / f"{name}.py"), *args]
+
+
+@pytest.fixture
+def memfs(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_server(python_module("fusepass.examples.memfs"))
+
+
+NOBODY = (65534, 65534)
+
+
+def run_as(uid: int, gid: int, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Run ``fn`` in a forked child with the given uid and gid (no supplementary groups)
+    and return its result; an exception in the child is re-raised here (OSError keeps its errno)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only system calls, then _exit
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            result: Any = ("ok", fn())
+        except BaseException as e:  # noqa: BLE001 - shipped to the parent
+            result = ("err", e if isinstance(e, OSError) else RuntimeError(traceback.format_exc()))
+        with os.fdopen(w, "wb") as f:
+            pickle.dump(result, f)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        ready, _, _ = select.select([f], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"child as uid {uid} did not finish in {timeout}s")
+        kind, value = pickle.load(f)
+    os.waitpid(pid, 0)
+    if kind == "err":
+        raise value
+    return value

@@ -26,15 +26,16 @@ class UsageError(Exception):
 
 
 def _mirror_options(unknown: list[str]) -> dict[str, float | int]:
-    """fusepass's own -o options: ``timeout=SECONDS`` (entry/attribute cache), ``max_path_fds=N``."""
+    """fusepass's own -o options: ``timeout=SECONDS`` (entry/attribute cache), ``max_path_fds=N``,
+    ``max_stack_depth=1|2`` (default: 2 if the source is on FUSE or overlayfs, else 1)."""
     out: dict[str, float | int] = {}
     for item in unknown:
         key, _, value = item.partition("=")
         try:
             if key == "timeout":
                 out["timeout"] = float(value)
-            elif key == "max_path_fds":
-                out["max_path_fds"] = int(value)
+            elif key in ("max_path_fds", "max_stack_depth"):
+                out[key] = int(value)
             else:
                 raise UsageError(f"unknown mount option: {item}")
         except ValueError:
@@ -58,9 +59,14 @@ def _prepare(args: argparse.Namespace) -> Session:
     for text in args.options:
         extra += parse_mount_options(text, options)
     fs_options = _mirror_options(extra)
+    depth = fs_options.pop("max_stack_depth", None)
+    if depth not in (None, 1, 2):
+        raise UsageError("max_stack_depth must be 1 or 2")
     fs = Mirror(source, **fs_options)  # type: ignore[arg-type]
+    if depth is None:
+        depth = 2 if fs.stacked else 1
     return Session(fs, mnt, options, threads=args.threads, passthrough=args.passthrough,
-                   max_stack_depth=2 if fs.stacked else 1, debug=args.debug)
+                   max_stack_depth=int(depth), debug=args.debug)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

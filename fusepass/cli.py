@@ -73,7 +73,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     session = _prepare(args)
     mountmod.check_mountpoint(args.mountpoint)
     if args.foreground:
-        return serve(session, None, PROG)
+        return serve(session, args.ready_fd, PROG)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto")
     m.add_argument("--threads", type=int, default=4)
     m.add_argument("--debug", action="store_true", help="trace every request and reply")
+    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # for tests, with -f
     m.set_defaults(func=cmd_mount)
     u = sub.add_parser("umount", help="unmount MOUNTPOINT")
     u.add_argument("mountpoint")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -144,6 +146,23 @@ def memfs(start_server: Callable[..., ServerProcess]) -> ServerProcess:
 NOBODY = (65534, 65534)
 
 
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A fresh directory that every user can traverse (pytest's tmp_path is 0700), for
+    mount points that another uid must reach. Request it before ``start_server`` so that
+    the servers are stopped before it is removed; a directory still mounted is left alone."""
+    path = Path(tempfile.mkdtemp(prefix="fusepass-test-"))
+    path.chmod(0o755)
+    yield path
+    if not any(m.startswith(str(path) + "/") for m in _mount_points()):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _mount_points() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1].replace("\\040", " ") for line in f]
+
+
 def run_as(uid: int, gid: int, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
     """Run ``fn`` in a forked child with the given uid and gid (no supplementary groups)
     and return its result; an exception in the child is re-raised here (OSError keeps its errno)."""
@@ -173,3 +192,18 @@ def run_as(uid: int, gid: int, fn: Callable[[], Any], timeout: float = 30.0) -> 
     if kind == "err":
         raise value
     return value
+
+
+def mirror_argv(source: Path, *args: str) -> list[str]:
+    """``fusepass mount --foreground SOURCE ... MOUNTPOINT`` (the fixture appends the mount point)."""
+    return [sys.executable, "-m", "fusepass.cli", "mount", "--foreground", *args, str(source)]
+
+
+@pytest.fixture
+def mirror(start_server: Callable[..., ServerProcess], tmp_path: Path) -> ServerProcess:
+    """A mirror of ``tmp_path/src`` with default options; the source is ``server.source``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    server = start_server(mirror_argv(src))
+    server.source = src  # type: ignore[attr-defined]
+    return server

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -156,6 +157,56 @@ def _format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Mount a mirror of SOURCE (or of a generated tree), use it, show its status."""
+    import hashlib
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="fusepass-demo-")
+    source = os.path.abspath(args.source) if args.source else _make_demo_tree(os.path.join(work, "source"))
+    mnt = os.path.join(work, "mnt")
+    os.mkdir(mnt)
+    print(f"mounting a mirror of {source} at {mnt}")
+    status = main(["mount", source, mnt] + (["--debug"] if args.debug else []))
+    if status:
+        return status
+    try:
+        files = 0
+        digest = hashlib.sha256()
+        for root, _, names in os.walk(mnt):
+            for name in names:
+                path = os.path.join(root, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            digest.update(chunk)
+                    files += 1
+        print(f"read {files} files through the mount (sha256 of all: {digest.hexdigest()[:16]}...)\n")
+        main(["status", mnt])
+    finally:
+        if args.keep:
+            print(f"\nstill mounted; unmount with: fusepass umount {mnt}")
+        else:
+            main(["umount", mnt])
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _make_demo_tree(root: str) -> str:
+    os.makedirs(root)
+    for d in range(10):
+        sub = os.path.join(root, f"dir{d}")
+        os.mkdir(sub)
+        for i in range(50):
+            with open(os.path.join(sub, f"file{i}.txt"), "w") as f:
+                f.write(f"demo file {d}/{i}\n" * 20)
+    with open(os.path.join(root, "big.bin"), "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    os.symlink("big.bin", os.path.join(root, "link-to-big"))
+    return root
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Mirror a directory through FUSE with kernel passthrough.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
     s.set_defaults(func=cmd_status)
+    d = sub.add_parser("demo", help="mount a mirror of SOURCE (default: a generated tree), read it, show status")
+    d.add_argument("source", nargs="?")
+    d.add_argument("--keep", action="store_true", help="leave it mounted")
+    d.add_argument("--debug", action="store_true")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -320,28 +320,30 @@ class Session:
                 tracked = opcode not in abi.NO_REPLY_OPCODES
                 if tracked:
                     self._track(ctx)
+                reply: tuple[Any, ...] | None = None
                 failed = False
                 try:
                     body = table.get(opcode, self._enosys)(req, ctx, outbuf)
                     if body is not None:
-                        self._send(fd, (P.reply_header(h.unique, len(body)), body), ctx)
+                        reply = (P.reply_header(h.unique, len(body)), body)
                 except OSError as e:
                     failed = True
-                    err = e.errno if e.errno else errno.EIO
                     if tracked:
-                        self._send(fd, (P.encode_error(h.unique, err),), ctx)
+                        reply = (P.encode_error(h.unique, e.errno or errno.EIO),)
                 except Exception:
                     failed = True
                     log.error("handler for %s raised:\n%s", _opname(opcode), traceback.format_exc())
                     if tracked:
-                        self._send(fd, (P.encode_error(h.unique, errno.EIO),), ctx)
-                finally:
-                    if tracked:
-                        self._untrack(ctx)
+                        reply = (P.encode_error(h.unique, errno.EIO),)
+                # Count before replying, so a caller that saw the reply also sees it counted.
                 elapsed = perf() - t0
                 stats.record(opcode, failed, elapsed)
                 if self.debug:
-                    log.debug("%s", _trace(req, failed, elapsed))
+                    log.debug("%s", _trace(req, reply, elapsed))
+                if reply is not None:
+                    self._send(fd, reply, ctx)
+                if tracked:
+                    self._untrack(ctx)
                 if opcode == abi.Opcode.INIT:
                     self._ready.set()
         finally:
@@ -671,12 +673,14 @@ def _opname(opcode: int) -> str:
         return f"opcode {opcode}"
 
 
-def _trace(req: Any, failed: bool, elapsed_ns: int) -> str:
+def _trace(req: Any, reply: tuple[Any, ...] | None, elapsed_ns: int) -> str:
     h = req.header
     fields = " ".join(
         f"{k}={getattr(req, k)!r}" for k in req.__slots__ if k not in ("header", "data")
     )
-    return (
-        f"{_opname(h.opcode)} unique={h.unique} node={h.nodeid} uid={h.uid} pid={h.pid} {fields}"
-        f" -> {'error' if failed else 'ok'} in {elapsed_ns / 1000:.0f}us"
-    )
+    if reply is None:
+        outcome = "no reply"
+    else:
+        err = -int.from_bytes(reply[0][4:8], "little", signed=True)
+        outcome = f"error {errno.errorcode.get(err, err)}" if err else f"ok, {sum(len(p) for p in reply)} bytes"
+    return f"{_opname(h.opcode)} unique={h.unique} node={h.nodeid} uid={h.uid} pid={h.pid} {fields} -> {outcome} in {elapsed_ns / 1000:.0f}us"

@@ -28,7 +28,7 @@ from .stats import OpSummary, WorkerStats, summarize
 
 log = logging.getLogger("fusepass")
 
-Body = Any  # bytes-like reply payload, or None for "no reply"
+Body = Any  # a bytes-like reply payload; None means an empty success reply
 _END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
 _IN_BUFFER = abi.MAX_WRITE + abi.PAGE_SIZE
 _OUT_BUFFER = abi.MAX_PAGES * abi.PAGE_SIZE
@@ -202,7 +202,7 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _install_signal_handlers(self) -> list[tuple[int, Any]]:
+    def _install_signal_handlers(self) -> list[tuple[signal.Signals, Any]]:
         if threading.current_thread() is not threading.main_thread():
             return []
         signals_seen = [0]
@@ -216,7 +216,7 @@ class Session:
                 log.warning("second signal: aborting the connection")
                 self.abort()
 
-        restore = []
+        restore: list[tuple[signal.Signals, Any]] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             restore.append((sig, signal.signal(sig, on_signal)))
         return restore
@@ -324,7 +324,9 @@ class Session:
                 failed = False
                 try:
                     body = table.get(opcode, self._enosys)(req, ctx, outbuf)
-                    if body is not None:
+                    if tracked:
+                        if body is None:  # a handler with nothing to say: an empty success reply
+                            body = b""
                         reply = (P.reply_header(h.unique, len(body)), body)
                 except OSError as e:
                     failed = True
@@ -407,8 +409,8 @@ class Session:
             O.SYMLINK: (lambda r, c, b: P.entry_body(fs.symlink(c, r.header.nodeid, r.name, r.target)), "symlink"),
             O.MKNOD: (lambda r, c, b: P.entry_body(fs.mknod(c, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)), "mknod"),
             O.MKDIR: (lambda r, c, b: P.entry_body(fs.mkdir(c, r.header.nodeid, r.name, r.mode, r.umask)), "mkdir"),
-            O.UNLINK: (lambda r, c, b: fs.unlink(c, r.header.nodeid, r.name) or b"", "unlink"),
-            O.RMDIR: (lambda r, c, b: fs.rmdir(c, r.header.nodeid, r.name) or b"", "rmdir"),
+            O.UNLINK: (lambda r, c, b: fs.unlink(c, r.header.nodeid, r.name), "unlink"),
+            O.RMDIR: (lambda r, c, b: fs.rmdir(c, r.header.nodeid, r.name), "rmdir"),
             O.RENAME: (self._op_rename, "rename"),
             O.RENAME2: (self._op_rename, "rename"),
             O.LINK: (lambda r, c, b: P.entry_body(fs.link(c, r.oldnodeid, r.header.nodeid, r.newname)), "link"),
@@ -417,24 +419,24 @@ class Session:
             O.TMPFILE: (self._op_tmpfile, "tmpfile"),
             O.READ: (lambda r, c, b: fs.read(c, r.header.nodeid, r.fh, r.offset, r.size), "read"),
             O.WRITE: (self._op_write, "write"),
-            O.FLUSH: (lambda r, c, b: fs.flush(c, r.header.nodeid, r.fh, r.lock_owner) or b"", "flush"),
+            O.FLUSH: (lambda r, c, b: fs.flush(c, r.header.nodeid, r.fh, r.lock_owner), "flush"),
             O.RELEASE: (self._op_release, None),
-            O.FSYNC: (lambda r, c, b: fs.fsync(c, r.header.nodeid, r.fh, r.datasync) or b"", "fsync"),
-            O.FALLOCATE: (lambda r, c, b: fs.fallocate(c, r.header.nodeid, r.fh, r.offset, r.length, r.mode) or b"", "fallocate"),
+            O.FSYNC: (lambda r, c, b: fs.fsync(c, r.header.nodeid, r.fh, r.datasync), "fsync"),
+            O.FALLOCATE: (lambda r, c, b: fs.fallocate(c, r.header.nodeid, r.fh, r.offset, r.length, r.mode), "fallocate"),
             O.LSEEK: (lambda r, c, b: abi.LSEEK_OUT.pack(fs.lseek(c, r.header.nodeid, r.fh, r.offset, r.whence)), "lseek"),
             O.COPY_FILE_RANGE: (self._op_copy_file_range, "copy_file_range"),
             O.COPY_FILE_RANGE_64: (self._op_copy_file_range, "copy_file_range"),
             O.STATFS: (self._op_statfs, None),
-            O.ACCESS: (lambda r, c, b: fs.access(c, r.header.nodeid, r.mask) or b"", "access"),
+            O.ACCESS: (lambda r, c, b: fs.access(c, r.header.nodeid, r.mask), "access"),
             O.OPENDIR: (self._op_opendir, "opendir"),
             O.READDIR: (self._op_readdir, "readdir"),
             O.READDIRPLUS: (self._op_readdir, "readdir"),
-            O.RELEASEDIR: (lambda r, c, b: fs.releasedir(c, r.header.nodeid, r.fh) or b"", None),
-            O.FSYNCDIR: (lambda r, c, b: fs.fsyncdir(c, r.header.nodeid, r.fh, r.datasync) or b"", "fsyncdir"),
-            O.SETXATTR: (lambda r, c, b: fs.setxattr(c, r.header.nodeid, r.name, r.value, r.flags) or b"", "setxattr"),
+            O.RELEASEDIR: (lambda r, c, b: fs.releasedir(c, r.header.nodeid, r.fh), None),
+            O.FSYNCDIR: (lambda r, c, b: fs.fsyncdir(c, r.header.nodeid, r.fh, r.datasync), "fsyncdir"),
+            O.SETXATTR: (lambda r, c, b: fs.setxattr(c, r.header.nodeid, r.name, r.value, r.flags), "setxattr"),
             O.GETXATTR: (self._op_getxattr, "getxattr"),
             O.LISTXATTR: (self._op_listxattr, "listxattr"),
-            O.REMOVEXATTR: (lambda r, c, b: fs.removexattr(c, r.header.nodeid, r.name) or b"", "removexattr"),
+            O.REMOVEXATTR: (lambda r, c, b: fs.removexattr(c, r.header.nodeid, r.name), "removexattr"),
             O.GETLK: (self._op_getlk, "getlk"),
             O.SETLK: (self._op_setlk, "setlk"),
             O.SETLKW: (self._op_setlk, "setlk"),
@@ -552,8 +554,7 @@ class Session:
         return P.statx_body(self.fs.statx(ctx, r.header.nodeid, r.fh, r.sx_flags, r.sx_mask), self.fs.attr_timeout)
 
     def _op_rename(self, r: P.Rename, ctx: Context, buf: bytearray) -> Body:
-        self.fs.rename(ctx, r.header.nodeid, r.name, r.newdir, r.newname, r.flags)
-        return b""
+        return self.fs.rename(ctx, r.header.nodeid, r.name, r.newdir, r.newname, r.flags)
 
     def _opened_body(self, ino: int, opened: Opened, ctx: Context, regular: bool) -> bytes:
         """Encode an open reply, routing regular files through the backing registry."""

@@ -7,6 +7,7 @@ Everything lives in this process and is gone when it exits.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import threading
@@ -353,7 +354,7 @@ class MemFS(Operations):
             for index in range(offset, len(names)):
                 name, child_ino = names[index]
                 child = self.nodes[child_ino]
-                if not listing.add(name, index + 1, child.attr(), lambda c=child: self._entry(c)):
+                if not listing.add(name, index + 1, child.attr(), functools.partial(self._entry, child)):
                     break
 
     # extended attributes -----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import select
 import shutil
@@ -71,19 +72,23 @@ def _prepare(args: argparse.Namespace) -> Session:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    session = _prepare(args)
     mountmod.check_mountpoint(args.mountpoint)
+    if not os.path.exists(mountmod.DEVICE):
+        raise MountError(19, f"{mountmod.DEVICE} does not exist: load the fuse module (modprobe fuse)")
+    if not mountmod.has_cap_sys_admin() and mountmod.fusermount_path() is None:
+        raise MountError(1, "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
+    session = _prepare(args)
     if args.foreground:
         return serve(session, args.ready_fd, PROG)
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # the background server
         os.close(r)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        if not args.debug:
-            os.dup2(devnull, 1)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        _log_in_background(args.log, args.debug)
         os._exit(serve(session, w, PROG))
     os.close(w)
     ready, _, _ = select.select([r], [], [], 60)
@@ -95,6 +100,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 1
 
 
+def _log_in_background(path: str | None, debug: bool) -> None:
+    """Send warnings (everything with --debug) to ``path``, else to syslog, else nowhere."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if path:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s fusepass[%(process)d] %(levelname)s %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("fusepass[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mountpoint)
     entry = mountmod.mount_entry(mnt)
@@ -102,9 +125,37 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UsageError(f"{mnt} is not mounted")
     if not entry[1].startswith("fuse"):
         raise UsageError(f"{mnt} is not a FUSE mount ({entry[1]})")
-    mountmod.unmount(mnt, lazy=args.lazy)
-    print(f"unmounted {mnt}")
+    try:
+        pid: int | None = int(control.query(mnt, timeout=2)["pid"])
+    except (OSError, ValueError, KeyError):
+        pid = None  # the server is gone (or not a fusepass server): unmounting cleans up
+    try:
+        mountmod.unmount(mnt, lazy=args.lazy)
+    except OSError as e:
+        if e.errno == 16:  # EBUSY
+            raise UsageError(f"{mnt} is busy (files are open on it); use --lazy to detach it now") from None
+        raise
+    if pid is None:
+        print(f"unmounted {mnt} (no server was answering)")
+        return 0
+    if _wait_for_exit(pid, 10.0):
+        print(f"unmounted {mnt}; server {pid} stopped")
+    else:
+        print(f"unmounted {mnt}; server {pid} still serving files that are open on the detached mount")
     return 0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait for a process we did not start to exit (pidfd: no polling)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
 
 
 def fusepass_mounts() -> list[str]:
@@ -219,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto")
     m.add_argument("--threads", type=int, default=4)
     m.add_argument("--debug", action="store_true", help="trace every request and reply")
+    m.add_argument("--log", help="in the background, log to this file (default: syslog)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # for tests, with -f
     m.set_defaults(func=cmd_mount)
     u = sub.add_parser("umount", help="unmount MOUNTPOINT")
@@ -234,7 +286,56 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="leave it mounted")
     d.add_argument("--debug", action="store_true")
     d.set_defaults(func=cmd_demo)
+    h = sub.add_parser("install-helper", help="link mount.fuse.fusepass into /sbin for fstab and mount -t fuse.fusepass")
+    h.add_argument("--dir", default="/sbin")
+    h.set_defaults(func=cmd_install_helper)
     return parser
+
+
+# Options mount(8) and fstab pass that mean nothing to the filesystem itself.
+_FSTAB_ONLY = ("defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev", "nofail",
+               "comment", "x-", "rw")
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """``mount.fuse.fusepass SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``: what mount(8) runs for
+    ``mount -t fuse.fusepass`` and fstab lines. fusepass's own options ``passthrough=auto|on|off``,
+    ``threads=N``, ``debug`` and ``log=FILE`` may be given with -o."""
+    parser = argparse.ArgumentParser(prog="mount.fuse.fusepass")
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    for flag in ("-n", "-s", "-f", "-v"):  # no mtab, sloppy, fake, verbose: mount(8)'s own
+        parser.add_argument(flag, action="store_true")
+    args = parser.parse_args(argv)
+    if args.f:
+        return 0
+    passed: list[str] = []
+    extra: list[str] = []
+    for item in ",".join(args.options).split(","):
+        key, _, value = item.partition("=")
+        if not item or key in _FSTAB_ONLY or key.startswith("x-"):
+            continue
+        if key in ("passthrough", "threads", "log") and value:
+            extra += [f"--{key}", value]
+        elif key == "debug" and not value:
+            extra.append("--debug")
+        else:
+            passed.append(item)
+    return main(["mount", args.source, args.mountpoint, *extra] + (["-o", ",".join(passed)] if passed else []))
+
+
+def cmd_install_helper(args: argparse.Namespace) -> int:
+    """Link /sbin/mount.fuse.fusepass to this installation's helper, so fstab lines work."""
+    helper = shutil.which("mount.fuse.fusepass") or os.path.join(os.path.dirname(sys.argv[0]), "mount.fuse.fusepass")
+    if not os.path.exists(helper):
+        raise UsageError("the mount.fuse.fusepass script is not installed next to this command")
+    target = os.path.join(args.dir, "mount.fuse.fusepass")
+    if os.path.lexists(target):
+        os.unlink(target)
+    os.symlink(os.path.abspath(helper), target)
+    print(f"{target} -> {os.path.abspath(helper)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

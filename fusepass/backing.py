@@ -98,12 +98,12 @@ class BackingRegistry:
                 st = self._inodes[ino] = _InodeState()
             if st.opens and st.backing_id:
                 reason = None  # join the inode's passthrough mode, whatever the filesystem offered
+            elif not self.available:
+                reason = self.why_not or "passthrough unavailable"
             elif st.opens:
                 reason = st.served_because or "inode already open in served mode"
             elif st.served_because:
                 reason = st.served_because
-            elif not self.available:
-                reason = self.why_not or "passthrough unavailable"
             elif fd is None:
                 reason = "the filesystem gave no backing file"
             else:

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="leave it mounted")
     d.add_argument("--debug", action="store_true")
     d.set_defaults(func=cmd_demo)
-    h = sub.add_parser("install-helper", help="link mount.fuse.fusepass into /sbin for fstab and mount -t fuse.fusepass")
+    h = sub.add_parser("install-helper", help="link mount.fuse.fusepass into /sbin (for fstab)")
     h.add_argument("--dir", default="/sbin")
     h.set_defaults(func=cmd_install_helper)
     return parser

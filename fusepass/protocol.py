@@ -691,7 +691,10 @@ def _split_time(seconds: float) -> tuple[int, int]:
     if seconds <= 0:
         return 0, 0
     whole = int(seconds)
-    return whole, int((seconds - whole) * 1e9)
+    nsec = round((seconds - whole) * 1e9)  # nearest, not truncated: 2.3 s is 2 s + 300000000 ns
+    if nsec >= 1_000_000_000:
+        return whole + 1, 0
+    return whole, nsec
 
 
 def _attr_fields(a: Attr) -> tuple[int, ...]:

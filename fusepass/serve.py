@@ -46,9 +46,13 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
 def run_foreground(
     make_fs: Callable[[argparse.Namespace], Operations], argv: Sequence[str] | None = None,
     description: str = "", configure: Callable[[argparse.ArgumentParser], None] | None = None,
-    defaults: MountOptions | None = None,
+    defaults: MountOptions | None = None, on_ready: Callable[[Session], None] | None = None,
 ) -> int:
-    """Parse arguments, mount, serve until unmounted or interrupted; return an exit status."""
+    """Parse arguments, mount, serve until unmounted or interrupted; return an exit status.
+
+    ``on_ready`` is called with the session once the mount answers (INIT done), in the main
+    thread: the place to keep the session for notifications or statistics.
+    """
     parser = argparse.ArgumentParser(description=description)
     if configure:
         configure(parser)
@@ -68,10 +72,11 @@ def run_foreground(
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1
-    return serve(session, args.ready_fd, parser.prog)
+    return serve(session, args.ready_fd, parser.prog, on_ready=on_ready)
 
 
-def serve(session: Session, ready_fd: int | None, prog: str) -> int:
+def serve(session: Session, ready_fd: int | None, prog: str, *,
+          on_ready: Callable[[Session], None] | None = None) -> int:
     """Mount, report readiness on ``ready_fd`` (b"ready\n", or the error text), answer status
     queries on the control socket, and serve until unmounted. Returns an exit status."""
     try:
@@ -90,11 +95,18 @@ def serve(session: Session, ready_fd: int | None, prog: str) -> int:
             control = ControlServer(session, session.connection_id)
         except OSError as e:
             logging.getLogger("fusepass").warning("no status socket: %s", e)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
+
+    def announce() -> None:
+        # Called by session.run once its SIGINT/SIGTERM handlers are installed, so whoever
+        # waits for "ready" may signal at once and still get a clean unmount.
+        if on_ready is not None:
+            on_ready(session)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
     try:
-        session.run()
+        session.run(on_ready=announce)
     except SessionError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1

@@ -173,7 +173,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        if not self._finished.is_set():
+        if self._workers and not self._finished.is_set():  # no workers: start() failed, nothing to wait for
             self.stop()
             if not self._finished.wait(5):
                 self.abort()

@@ -17,7 +17,7 @@ from . import control
 from . import mount as mountmod
 from .mirror import Mirror
 from .mount import MountError, MountOptions
-from .serve import parse_mount_options, serve
+from .serve import describe, parse_mount_options, serve
 from .session import Session, SessionError
 
 PROG = "fusepass"
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     except (MountError, SessionError, OSError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{PROG}: {describe(e)}", file=sys.stderr)
         return 1
 
 

@@ -14,6 +14,13 @@ from .ops import Operations
 from .session import Session, SessionError
 
 
+def describe(e: BaseException) -> str:
+    """An error as one line for an operator: the explanation, without Python's "[Errno N]"."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
+
+
 def parse_mount_options(text: str, options: MountOptions) -> list[str]:
     """Apply a comma-separated ``-o`` string to ``options``; return the options it did not know."""
     unknown = []
@@ -85,9 +92,9 @@ def serve(session: Session, ready_fd: int | None, prog: str, *,
     except (MountError, SessionError, OSError) as e:
         session.close()
         if ready_fd is not None:
-            os.write(ready_fd, f"{e}\n".encode())
+            os.write(ready_fd, f"{describe(e)}\n".encode())
             os.close(ready_fd)
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {describe(e)}", file=sys.stderr)
         return 1
     control = None
     if session.connection_id is not None:
@@ -108,7 +115,7 @@ def serve(session: Session, ready_fd: int | None, prog: str, *,
     try:
         session.run(on_ready=announce)
     except SessionError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{prog}: {describe(e)}", file=sys.stderr)
         return 1
     finally:
         if control is not None:

@@ -523,6 +523,8 @@ class Session:
 
     def _op_forget(self, req: P.Forget, ctx: Context, buf: bytearray) -> Body:
         self.fs.forget(req.items)
+        for nodeid, _ in req.items:  # the kernel dropped the inode: its sticky served reason goes too
+            self.registry.forget(nodeid)
         return None
 
     def _op_lookup(self, req: P.Lookup, ctx: Context, buf: bytearray) -> Body:

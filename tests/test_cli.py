@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import NOBODY, run_as
 
 from fusepass import cli
 from fusepass import mount as mountmod
-
-from conftest import NOBODY, run_as
 
 BIN = Path(sys.executable).parent
 FUSEPASS = str(BIN / "fusepass")

@@ -86,6 +86,8 @@ class Session:
         self._lock = threading.Lock()
         self._inflight: dict[int, Context] = {}
         self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        self._retrievals: dict[int, list[Any]] = {}
+        self._next_notify = 0
         self._stopping = False
         self._closed = False
         self._table = self._build_table()
@@ -284,6 +286,23 @@ class Session:
         """Tell the kernel ``name`` in ``parent`` (node ``child``) was deleted."""
         self._notify(P.notify_delete(parent, child, name))
 
+    def retrieve(self, ino: int, offset: int, size: int, timeout: float = 5.0) -> bytes:
+        """Ask the kernel for the cached data of ``ino`` at ``offset`` (at most ``size`` bytes);
+        returns what its page cache holds there (possibly nothing). Not from a handler."""
+        with self._lock:
+            self._next_notify += 1
+            key = self._next_notify
+            waiter: list[Any] = [threading.Event(), b""]
+            self._retrievals[key] = waiter
+        try:
+            self._notify(P.notify_retrieve(key, ino, offset, size))
+            if not waiter[0].wait(timeout):
+                raise TimeoutError(f"no NOTIFY_REPLY for inode {ino} within {timeout}s")
+            return bytes(waiter[1])
+        finally:
+            with self._lock:
+                self._retrievals.pop(key, None)
+
     def store(self, ino: int, offset: int, data: bytes) -> None:
         """Put ``data`` into the kernel's page cache of ``ino`` (not for passthrough files)."""
         self._notify(P.notify_store(ino, offset, data))
@@ -400,6 +419,7 @@ class Session:
             O.DESTROY: (lambda r, c, b: b"", None),
             O.INTERRUPT: (self._op_interrupt, None),
             O.FORGET: (self._op_forget, None),
+            O.NOTIFY_REPLY: (self._op_notify_reply, None),
             O.BATCH_FORGET: (self._op_forget, None),
             O.LOOKUP: (self._op_lookup, "lookup"),
             O.GETATTR: (lambda r, c, b: P.attr_body(fs.getattr(c, r.header.nodeid, r.fh), fs.attr_timeout), "getattr"),
@@ -519,6 +539,14 @@ class Session:
                     self._early_interrupts.popitem(last=False)
         if target is not None:
             target.interrupt()
+        return None
+
+    def _op_notify_reply(self, req: P.NotifyReply, ctx: Context, buf: bytearray) -> Body:
+        with self._lock:
+            waiter = self._retrievals.get(req.header.unique)
+        if waiter is not None:
+            waiter[1] = req.data
+            waiter[0].set()
         return None
 
     def _op_forget(self, req: P.Forget, ctx: Context, buf: bytearray) -> Body:

@@ -113,7 +113,7 @@ class ServerProcess:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+def start_server(tmp_path: Path, _public_dirs: _PublicDirs) -> Iterator[Callable[..., ServerProcess]]:
     """Start a server: ``start_server(argv_without_mountpoint, mountpoint=None, user=None)``."""
     servers: list[ServerProcess] = []
 
@@ -146,21 +146,39 @@ def memfs(start_server: Callable[..., ServerProcess]) -> ServerProcess:
 NOBODY = (65534, 65534)
 
 
+class _PublicDirs:
+    """Directories every user can traverse, removed once no server is mounted in them."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def make(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="fusepass-test-"))
+        path.chmod(0o755)
+        self.paths.append(path)
+        return path
+
+    def remove(self) -> None:
+        with open("/proc/self/mounts") as f:
+            mounted = [line.split()[1].replace("\\040", " ") for line in f]
+        for path in self.paths:
+            if not any(m.startswith(str(path) + "/") for m in mounted):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
-def public_tmp() -> Iterator[Path]:
-    """A fresh directory that every user can traverse (pytest's tmp_path is 0700), for
-    mount points that another uid must reach. Request it before ``start_server`` so that
-    the servers are stopped before it is removed; a directory still mounted is left alone."""
-    path = Path(tempfile.mkdtemp(prefix="fusepass-test-"))
-    path.chmod(0o755)
-    yield path
-    if not any(m.startswith(str(path) + "/") for m in _mount_points()):
-        shutil.rmtree(path, ignore_errors=True)
+def _public_dirs() -> Iterator[_PublicDirs]:
+    dirs = _PublicDirs()
+    yield dirs
+    dirs.remove()  # start_server depends on this fixture, so its servers are stopped by now
 
 
-def _mount_points() -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1].replace("\\040", " ") for line in f]
+@pytest.fixture
+def public_tmp(_public_dirs: _PublicDirs) -> Path:
+    """A fresh directory that every user can traverse (pytest's tmp_path is 0700), for mount
+    points that another uid must reach. Removed after the servers of the test are stopped;
+    a directory that is somehow still mounted on is left alone."""
+    return _public_dirs.make()
 
 
 def run_as(uid: int, gid: int, fn: Callable[[], Any], timeout: float = 30.0) -> Any:

@@ -114,16 +114,13 @@ class Session:
             t.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until INIT has been answered (the mount can be used) or the session ended.
-        Raises SessionError if negotiation failed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready.is_set() and not self._finished.is_set():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            self._ready.wait(0.05 if left is None else min(left, 0.05))
+        """Wait until INIT has been answered (the mount can be used); False on timeout.
+        Raises SessionError if negotiation failed or the connection ended first."""
+        self._ready.wait(timeout)  # set after the INIT reply, or when the last worker ends
         if self.failure:
             raise SessionError(self.failure)
+        if self.conn is None and self._finished.is_set():
+            raise SessionError("the connection ended before INIT was answered")
         return self._ready.is_set()
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:

@@ -363,6 +363,7 @@ class Session:
                 if tracked:
                     self._untrack(ctx)
                 if opcode == abi.Opcode.INIT:
+                    self._raise_readahead()
                     self._ready.set()
         finally:
             with self._lock:
@@ -371,6 +372,21 @@ class Session:
             if last:
                 self._ready.set()
                 self._finished.set()
+
+    def _raise_readahead(self) -> None:
+        """Let the kernel read ahead in requests as large as max_pages allows.
+
+        INIT can only lower the mount's readahead (128 KiB by default), which makes served
+        reads arrive in 128 KiB pieces; the bdi's sysfs knob can raise it afterwards (root only).
+        """
+        if self.conn is None or self.connection_id is None:
+            return
+        path = f"/sys/class/bdi/0:{self.connection_id}/read_ahead_kb"
+        try:
+            with open(path, "w") as f:
+                f.write(str(self.conn.max_pages * abi.PAGE_SIZE // 1024))
+        except OSError as e:
+            log.debug("cannot raise readahead through %s: %s", path, e)
 
     def _send(self, fd: int, parts: tuple[Any, ...], ctx: Context) -> None:
         try:

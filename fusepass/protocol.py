@@ -687,9 +687,15 @@ class Entry:
     generation: int = 0
 
 
+_MAX_TIMEOUT = float(1 << 62)  # far beyond any cache lifetime; the kernel saturates it anyway
+
+
 def _split_time(seconds: float) -> tuple[int, int]:
-    if seconds <= 0:
+    """A cache timeout as (seconds, nanoseconds). Not positive (or NaN): 0; infinite: the maximum."""
+    if not seconds > 0:
         return 0, 0
+    if seconds >= _MAX_TIMEOUT:
+        return 1 << 62, 0
     whole = int(seconds)
     nsec = round((seconds - whole) * 1e9)  # nearest, not truncated: 2.3 s is 2 s + 300000000 ns
     if nsec >= 1_000_000_000:

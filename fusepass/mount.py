@@ -184,7 +184,7 @@ def _mount_fusermount(path: str, options: MountOptions) -> Mount:
         proc = subprocess.run(
             [helper, "-o", options.fusermount_options(), "--", path],
             env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False,
+            capture_output=True, text=True, check=False,
         )
         theirs.close()
         fds: list[int] = []

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import abi
-from .protocol import Attr, Entry, StatfsReply, StatxReply, dirent_size, entry_body, pack_direntplus, pack_dirent
+from .protocol import Attr, Entry, StatfsReply, StatxReply, dirent_size, entry_body, pack_dirent, pack_direntplus
 
 __all__ = [
     "Attr", "Changes", "Context", "DirListing", "Entry", "Opened", "Operations", "StatfsReply",
@@ -181,7 +181,7 @@ class Operations:
     readdirplus: bool = False
 
     # lifecycle
-    def init(self, conn: "ConnectionInfo") -> None:
+    def init(self, conn: ConnectionInfo) -> None:
         """Called with what INIT negotiated, before the reply; may adjust ``conn.want``."""
 
     def destroy(self) -> None:
@@ -277,11 +277,15 @@ class Operations:
         raise OSError(errno.ENOSYS, "copy_file_range")
 
     # locks (only sent if implemented: the kernel otherwise locks locally)
-    def getlk(self, ctx: Context, ino: int, fh: int, owner: int, start: int, end: int, type: int, pid: int) -> tuple[int, int, int, int]:
+    def getlk(
+        self, ctx: Context, ino: int, fh: int, owner: int, start: int, end: int, type: int, pid: int
+    ) -> tuple[int, int, int, int]:
         """Return the conflicting lock as (start, end, type, pid), or type F_UNLCK."""
         raise OSError(errno.ENOSYS, "getlk")
 
-    def setlk(self, ctx: Context, ino: int, fh: int, owner: int, start: int, end: int, type: int, pid: int, wait: bool) -> None:
+    def setlk(
+        self, ctx: Context, ino: int, fh: int, owner: int, start: int, end: int, type: int, pid: int, wait: bool
+    ) -> None:
         raise OSError(errno.ENOSYS, "setlk")
 
     def flock(self, ctx: Context, ino: int, fh: int, owner: int, type: int, wait: bool) -> None:

@@ -12,11 +12,10 @@ import errno as errno_mod
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from . import abi
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 class ProtocolError(Exception):
@@ -370,12 +369,12 @@ class Unknown:
     header: InHeader
 
 
-Request = Union[
-    Init, Destroy, Lookup, Forget, Getattr, Setattr, Readlink, Symlink, Mknod, Mkdir, Unlink,
-    Rmdir, Rename, Link, Open, Create, Read, Write, Statfs, Release, Fsync, Setxattr, Getxattr,
-    Listxattr, Removexattr, Flush, Lock, Access, Interrupt, Bmap, Ioctl, Poll, NotifyReply,
-    Fallocate, Lseek, CopyFileRange, Syncfs, Statx, Unknown,
-]
+Request = (
+    Init | Destroy | Lookup | Forget | Getattr | Setattr | Readlink | Symlink | Mknod | Mkdir |
+    Unlink | Rmdir | Rename | Link | Open | Create | Read | Write | Statfs | Release | Fsync |
+    Setxattr | Getxattr | Listxattr | Removexattr | Flush | Lock | Access | Interrupt | Bmap |
+    Ioctl | Poll | NotifyReply | Fallocate | Lseek | CopyFileRange | Syncfs | Statx | Unknown
+)
 
 
 # --- parsing ----------------------------------------------------------------
@@ -833,7 +832,9 @@ def pack_dirent(buf: bytearray, pos: int, ino: int, next_off: int, dtype: int, n
     return padded
 
 
-def pack_direntplus(buf: bytearray, pos: int, entry_out: bytes, ino: int, next_off: int, dtype: int, name: bytes) -> int:
+def pack_direntplus(
+    buf: bytearray, pos: int, entry_out: bytes, ino: int, next_off: int, dtype: int, name: bytes
+) -> int:
     """Write one READDIRPLUS record (entry then dirent then name) at ``pos``."""
     buf[pos : pos + abi.ENTRY_OUT.size] = entry_out
     return pack_dirent(buf, pos + abi.ENTRY_OUT.size, ino, next_off, dtype, name)

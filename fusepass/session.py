@@ -21,7 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from . import abi, mount as mountmod, protocol as P
+from . import abi
+from . import mount as mountmod
+from . import protocol as P
 from .backing import BackingRegistry
 from .ops import Changes, ConnectionInfo, Context, DirListing, Opened, Operations, implemented
 from .stats import OpSummary, WorkerStats, summarize
@@ -440,7 +442,12 @@ class Session:
             O.STATX: (self._op_statx, "statx"),
             O.READLINK: (lambda r, c, b: fs.readlink(c, r.header.nodeid), "readlink"),
             O.SYMLINK: (lambda r, c, b: P.entry_body(fs.symlink(c, r.header.nodeid, r.name, r.target)), "symlink"),
-            O.MKNOD: (lambda r, c, b: P.entry_body(fs.mknod(c, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)), "mknod"),
+            O.MKNOD: (
+                lambda r, c, b: P.entry_body(
+                    fs.mknod(c, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)
+                ),
+                "mknod",
+            ),
             O.MKDIR: (lambda r, c, b: P.entry_body(fs.mkdir(c, r.header.nodeid, r.name, r.mode, r.umask)), "mkdir"),
             O.UNLINK: (lambda r, c, b: fs.unlink(c, r.header.nodeid, r.name), "unlink"),
             O.RMDIR: (lambda r, c, b: fs.rmdir(c, r.header.nodeid, r.name), "rmdir"),
@@ -455,8 +462,12 @@ class Session:
             O.FLUSH: (lambda r, c, b: fs.flush(c, r.header.nodeid, r.fh, r.lock_owner), "flush"),
             O.RELEASE: (self._op_release, None),
             O.FSYNC: (lambda r, c, b: fs.fsync(c, r.header.nodeid, r.fh, r.datasync), "fsync"),
-            O.FALLOCATE: (lambda r, c, b: fs.fallocate(c, r.header.nodeid, r.fh, r.offset, r.length, r.mode), "fallocate"),
-            O.LSEEK: (lambda r, c, b: abi.LSEEK_OUT.pack(fs.lseek(c, r.header.nodeid, r.fh, r.offset, r.whence)), "lseek"),
+            O.FALLOCATE: (
+                lambda r, c, b: fs.fallocate(c, r.header.nodeid, r.fh, r.offset, r.length, r.mode), "fallocate"
+            ),
+            O.LSEEK: (
+                lambda r, c, b: abi.LSEEK_OUT.pack(fs.lseek(c, r.header.nodeid, r.fh, r.offset, r.whence)), "lseek"
+            ),
             O.COPY_FILE_RANGE: (self._op_copy_file_range, "copy_file_range"),
             O.COPY_FILE_RANGE_64: (self._op_copy_file_range, "copy_file_range"),
             O.STATFS: (self._op_statfs, None),
@@ -727,4 +738,5 @@ def _trace(req: Any, reply: tuple[Any, ...] | None, elapsed_ns: int) -> str:
     else:
         err = -int.from_bytes(reply[0][4:8], "little", signed=True)
         outcome = f"error {errno.errorcode.get(err, err)}" if err else f"ok, {sum(len(p) for p in reply)} bytes"
-    return f"{_opname(h.opcode)} unique={h.unique} node={h.nodeid} uid={h.uid} pid={h.pid} {fields} -> {outcome} in {elapsed_ns / 1000:.0f}us"
+    who = f"unique={h.unique} node={h.nodeid} uid={h.uid} pid={h.pid}"
+    return f"{_opname(h.opcode)} {who} {fields} -> {outcome} in {elapsed_ns / 1000:.0f}us"

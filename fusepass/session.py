@@ -326,6 +326,8 @@ class Session:
                     if e.errno not in _END_ERRNOS:
                         log.error("reading %s: %s", mountmod.DEVICE, e)
                     return
+                if n == 0:  # end of file: never from /dev/fuse, but from a socket standing in for it
+                    return
                 t0 = perf()
                 try:
                     req = parse(inview[:n])

@@ -20,6 +20,7 @@ from fusepass.ops import ROOT_ID
 from fusepass.serve import run_foreground
 
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+MAX_FILE_SIZE = 1 << 30  # it all lives in this process's memory
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
@@ -153,6 +154,11 @@ class MemFS(Operations):
     def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
         with self.lock:
             node = self._node(ino)
+            if changes.size is not None:  # validate first: a refused change applies nothing
+                if not stat.S_ISREG(node.mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                if changes.size > MAX_FILE_SIZE:
+                    raise OSError(errno.EFBIG, "file too large for memory")
             now = time.time_ns()
             if changes.mode is not None:
                 node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(changes.mode)
@@ -161,8 +167,6 @@ class MemFS(Operations):
             if changes.gid is not None:
                 node.gid = changes.gid
             if changes.size is not None:
-                if not stat.S_ISREG(node.mode):
-                    raise OSError(errno.EINVAL, "not a regular file")
                 if changes.size < len(node.data):
                     del node.data[changes.size:]
                 else:
@@ -317,6 +321,8 @@ class MemFS(Operations):
         with self.lock:
             node = self._node(ino)
             end = offset + len(data)
+            if end > MAX_FILE_SIZE:
+                raise OSError(errno.EFBIG, "file too large for memory")
             if end > len(node.data):
                 node.data.extend(bytes(end - len(node.data)))
             node.data[offset:end] = data

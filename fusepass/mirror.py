@@ -23,8 +23,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import syscalls
-from .ops import ROOT_ID, Attr, Changes, Context, DirListing, Entry, Opened, Operations, StatfsReply
+from . import abi, syscalls
+from .ops import ROOT_ID, Attr, Changes, ConnectionInfo, Context, DirListing, Entry, Opened, Operations, StatfsReply
 
 log = logging.getLogger("fusepass.mirror")
 
@@ -32,8 +32,9 @@ FUSE_SUPER_MAGIC = 0x65735546
 OVERLAYFS_SUPER_MAGIC = 0x794C7630
 _STACKED_MAGICS = (FUSE_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC)
 _XATTR_CREATE, _XATTR_REPLACE = 1, 2
-_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
-_CREATED_OWNER_FLAGS = syscalls.AT_SYMLINK_NOFOLLOW
+# O_NOFOLLOW: the kernel already refused it on a symlink, and reopening through /proc/self/fd (a magic
+# symlink) with it fails with ELOOP (GNU tar opens every file so).
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 
 
 def _attr(st: os.stat_result) -> Attr:
@@ -99,13 +100,19 @@ class Mirror(Operations):
         self._next_nodeid = ROOT_ID + 1
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir = 1
-        self._files: set[int] = set()  # descriptors of open files (their fh)
-        os.umask(0)  # the kernel already applied the caller's umask to every mode we receive
+        self._files: dict[int, Inode] = {}  # open files: their descriptor (the fh) -> the inode, pinned
+        os.umask(0)  # modes arrive with the caller's umask applied, by the kernel or by _mode_for
 
     @property
     def stacked(self) -> bool:
         """Whether the source lives on a stacked filesystem (passthrough then needs depth 2)."""
         return _fs_magic(self._mount_fd) in _STACKED_MAGICS
+
+    def init(self, conn: ConnectionInfo) -> None:
+        # POSIX_ACL: the kernel enforces the source's ACLs (with a mode-only check, an ACL
+        # entry denying a user would be ignored, since the server opens files as root).
+        # DONT_MASK: then the kernel leaves the umask to us, to skip it under a default ACL.
+        conn.want |= abi.InitFlag.POSIX_ACL | abi.InitFlag.DONT_MASK
 
     # --- policy hooks for subclasses -----------------------------------------------------
 
@@ -173,34 +180,37 @@ class Mirror(Operations):
     def _evict(self) -> None:
         """Close the least recently used idle descriptors beyond the cap (lock held)."""
         excess = len(self._lru) - self.max_path_fds
-        if excess <= 0:
-            return
-        for nodeid in list(self._lru):
+        busy: list[int] = []
+        while excess > 0 and self._lru:
+            nodeid, _ = self._lru.popitem(last=False)
             inode = self._inodes.get(nodeid)
-            if inode is None:
-                del self._lru[nodeid]
-                excess -= 1
-            elif inode.busy == 0:
+            if inode is not None and inode.busy:
+                busy.append(nodeid)  # in use: it stays, and counts towards the cap
+                continue
+            if inode is not None and inode.fd >= 0:
                 os.close(inode.fd)
                 inode.fd = -1
-                del self._lru[nodeid]
-                excess -= 1
-            if excess <= 0:
-                return
+            excess -= 1
+        for nodeid in reversed(busy):
+            self._lru[nodeid] = None
+            self._lru.move_to_end(nodeid, last=False)
 
-    def _remember(self, fd: int, st: os.stat_result) -> Inode:
-        """Take ownership of ``fd`` (O_PATH) for the inode it names; count one lookup."""
+    def _remember(self, fd: int, st: os.stat_result, pin: bool = False) -> Inode:
+        """Take ownership of ``fd`` (O_PATH) for the inode it names; count one lookup.
+        ``pin``: also mark the descriptor busy (release it with ``_release_fd``).
+
+        An inode whose descriptor is open is the same file as anything with its (st_dev,
+        st_ino): the number cannot be reused while the file is held. One whose descriptor was
+        evicted may have been deleted and its number reused by a new file; the file handles
+        (which carry the generation) tell them apart, and a new file gets a new node id."""
         key = (st.st_dev, st.st_ino)
+        kind = stat.S_IFMT(st.st_mode)
         with self._lock:
             inode = self._by_key.get(key)
-            if inode is not None and stat.S_IFMT(st.st_mode) == inode.kind:
+            if inode is not None and inode.kind == kind and inode.fd >= 0:
                 inode.lookups += 1
-                if inode.fd < 0:
-                    inode.fd = fd
-                    self._lru[inode.nodeid] = None
-                    self._evict()
-                else:
-                    os.close(fd)
+                inode.busy += pin
+                os.close(fd)
                 return inode
         handle = None
         if self.handles:
@@ -210,13 +220,19 @@ class Mirror(Operations):
                 handle = None  # e.g. a filesystem without export support: keep the fd
         with self._lock:
             inode = self._by_key.get(key)
-            if inode is not None and stat.S_IFMT(st.st_mode) == inode.kind:
+            if inode is not None and inode.kind == kind and (inode.fd >= 0 or inode.handle == handle):
                 inode.lookups += 1
-                os.close(fd)
+                inode.busy += pin
+                if inode.fd < 0:
+                    inode.fd = fd
+                    self._lru[inode.nodeid] = None
+                    self._evict()
+                else:
+                    os.close(fd)
                 return inode
-            if inode is not None:  # the inode number was reused for a different type
-                self._by_key.pop(key, None)
-            inode = Inode(self._next_nodeid, key, stat.S_IFMT(st.st_mode), fd, handle, lookups=1)
+            if inode is not None:  # the inode number now belongs to another file
+                del self._by_key[key]
+            inode = Inode(self._next_nodeid, key, kind, fd, handle, lookups=1, busy=int(pin))
             self._next_nodeid += 1
             self._inodes[inode.nodeid] = inode
             self._by_key[key] = inode
@@ -237,11 +253,37 @@ class Mirror(Operations):
             raise
         return self._entry(self._remember(fd, st), st)
 
-    def _new_entry(self, ctx: Context, dirfd: int, parent_mode: int, name: bytes) -> Entry:
-        """Give a just-created ``name`` to the calling user, then look it up."""
-        gid = -1 if parent_mode & stat.S_ISGID else ctx.gid
-        syscalls.fchownat(dirfd, name, ctx.uid, gid, _CREATED_OWNER_FLAGS)
-        return self._lookup_at(dirfd, name)
+    def _created(self, ctx: Context, dirfd: int, name: bytes, mode: int) -> Entry:
+        """Give the just-created ``name`` in ``dirfd`` to the calling user, then look it up.
+        The object is pinned by an O_PATH descriptor first, so that whatever replaces the
+        name meanwhile is never chowned; if it cannot be given away, it is removed again."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            st = self._give_to_caller(ctx, fd, dirfd, mode)
+        except BaseException:
+            try:
+                _remove_if_same(dirfd, name, os.fstat(fd))
+            finally:
+                os.close(fd)
+            raise
+        return self._entry(self._remember(fd, st), st)
+
+    def _give_to_caller(self, ctx: Context, fd: int, dirfd: int, mode: int) -> os.stat_result:
+        """Make the object behind ``fd``, which the server created, look as if the caller had
+        created it: the caller's uid, and the caller's gid unless the parent directory is
+        setgid (the new object then already has the directory's group). chown clears setuid
+        and setgid on regular files, so the requested ones are put back; the kernel has
+        already removed from ``mode`` any bit the caller may not set."""
+        st = os.fstat(fd)
+        gid = st.st_gid if os.fstat(dirfd).st_mode & stat.S_ISGID else ctx.gid
+        if (st.st_uid, st.st_gid) != (ctx.uid, gid):
+            syscalls.fchownat(fd, b"", ctx.uid, gid, syscalls.AT_EMPTY_PATH)
+            st = os.fstat(fd)
+        wanted = mode & (stat.S_ISUID | stat.S_ISGID)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & wanted != wanted:
+            os.chmod(_proc(fd), stat.S_IMODE(st.st_mode) | wanted)
+            st = os.fstat(fd)
+        return st
 
     # --- names and attributes -----------------------------------------------------------
 
@@ -309,20 +351,33 @@ class Mirror(Operations):
             raise OSError(errno.EACCES, "hidden name")
         return self._pinned(parent)
 
+    def _mode_for(self, dirfd: int, mode: int, umask: int) -> int:
+        """The caller's umask applies to a new object, unless its directory has a default ACL
+        (which the source filesystem then applies instead, as it would for the caller)."""
+        if not mode & umask:
+            return mode
+        try:
+            os.getxattr(_proc(dirfd), "system.posix_acl_default")
+        except OSError:
+            return mode & ~umask
+        return mode
+
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         with self._create_in(ctx, parent, name) as pfd:
+            mode = self._mode_for(pfd, mode, umask)
             os.mknod(name, mode, rdev, dir_fd=pfd)
-            return self._new_entry(ctx, pfd, os.fstat(pfd).st_mode, name)
+            return self._created(ctx, pfd, name, mode)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         with self._create_in(ctx, parent, name) as pfd:
+            mode = self._mode_for(pfd, mode, umask)
             os.mkdir(name, mode, dir_fd=pfd)
-            return self._new_entry(ctx, pfd, os.fstat(pfd).st_mode, name)
+            return self._created(ctx, pfd, name, mode)
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         with self._create_in(ctx, parent, name) as pfd:
             os.symlink(target, name, dir_fd=pfd)
-            return self._new_entry(ctx, pfd, os.fstat(pfd).st_mode, name)
+            return self._created(ctx, pfd, name, 0)
 
     def link(self, ctx: Context, ino: int, newparent: int, newname: bytes) -> Entry:
         with self._create_in(ctx, newparent, newname) as pfd, self._pinned(ino) as fd:
@@ -349,45 +404,60 @@ class Mirror(Operations):
 
     # --- files ---------------------------------------------------------------------------------
 
-    def _opened(self, fd: int) -> Opened:
+    def _opened(self, fd: int, inode: Inode) -> Opened:
+        """Record an open file. Its inode stays pinned (its O_PATH descriptor is never evicted)
+        until the release: a file unlinked while open cannot be reopened from its handle."""
         with self._lock:
-            self._files.add(fd)
+            self._files[fd] = inode
         return Opened(fh=fd, backing_fd=fd)
 
     def open(self, ctx: Context, ino: int, flags: int) -> Opened:
         self.check_open(ctx, ino, flags)
-        with self._pinned(ino) as pfd:
+        inode = self._get(ino)
+        pfd = self._acquire_fd(inode)
+        try:
             fd = os.open(_proc(pfd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
-        return self._opened(fd)
+            if flags & os.O_TRUNC and ctx.uid != 0:
+                _kill_suid_sgid(fd)
+        except BaseException:
+            self._release_fd(inode)
+            raise
+        return self._opened(fd, inode)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
+        # The kernel sends CREATE only for a name it just found missing. Always exclusive: a
+        # file that appeared in the source meanwhile is never opened (or given away) without
+        # the permission checks an OPEN would have had; the caller gets EEXIST instead.
         with self._create_in(ctx, parent, name) as pfd:
             self.check_open(ctx, parent, flags | os.O_CREAT)
-            fd = os.open(name, (flags & ~_OPEN_DROP) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
+            mode = self._mode_for(pfd, mode, umask)
+            open_flags = (flags & ~_OPEN_DROP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, open_flags, mode, dir_fd=pfd)
             try:
-                entry = self._new_entry(ctx, pfd, os.fstat(pfd).st_mode, name)
-                if mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.fchmod(fd, stat.S_IMODE(mode))  # chown cleared them
-                    entry.attr = _attr(os.fstat(fd))
+                st = self._give_to_caller(ctx, fd, pfd, mode)
+                path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
             except BaseException:
-                os.close(fd)
+                try:
+                    _remove_if_same(pfd, name, os.fstat(fd))
+                finally:
+                    os.close(fd)
                 raise
-        return entry, self._opened(fd)
+            inode = self._remember(path_fd, st, pin=True)
+        return self._entry(inode, st), self._opened(fd, inode)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         with self._pinned(parent) as pfd:
             self.check_open(ctx, parent, flags | os.O_TMPFILE)
+            mode = self._mode_for(pfd, mode, umask)
             fd = os.open(b".", (flags & ~_OPEN_DROP) | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=pfd)
             try:
-                gid = -1 if os.fstat(pfd).st_mode & stat.S_ISGID else ctx.gid
-                syscalls.fchownat(fd, b"", ctx.uid, gid, syscalls.AT_EMPTY_PATH)
+                st = self._give_to_caller(ctx, fd, pfd, mode)
                 path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                entry = self._entry(self._remember(path_fd, st), st)
             except BaseException:
                 os.close(fd)
                 raise
-        return entry, self._opened(fd)
+            inode = self._remember(path_fd, st, pin=True)
+        return self._entry(inode, st), self._opened(fd, inode)
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
         buf = ctx.buffer(size)
@@ -399,8 +469,10 @@ class Mirror(Operations):
 
     def release(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
         with self._lock:
-            self._files.discard(fh)
+            inode = self._files.pop(fh, None)
         os.close(fh)
+        if inode is not None:
+            self._release_fd(inode)
 
     def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
         (os.fdatasync if datasync else os.fsync)(fh)
@@ -531,6 +603,30 @@ class _Pin:
 
     def __exit__(self, *exc: object) -> None:
         self.mirror._release_fd(self.inode)
+
+
+def _kill_suid_sgid(fd: int) -> None:
+    """What truncating on open does to a file for a caller without CAP_FSETID: drop setuid, and
+    setgid if group-executable. The server truncated it with its own privileges, which keep them."""
+    mode = os.fstat(fd).st_mode
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    if kill:
+        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+
+
+def _remove_if_same(dirfd: int, name: bytes, st: os.stat_result) -> None:
+    """Undo a creation: remove ``name`` if it is still the object ``st`` describes."""
+    try:
+        now = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            if stat.S_ISDIR(now.st_mode):
+                os.rmdir(name, dir_fd=dirfd)
+            else:
+                os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
 
 
 def _close_quietly(fd: int) -> None:

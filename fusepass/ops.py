@@ -42,8 +42,8 @@ class Context:
         self.interrupted = False
         self._event: threading.Event | None = None
         self._scratch = scratch
-        #: Called by the session if the reply cannot be delivered (the request is gone).
-        self.undo: Callable[[], None] | None = None
+        #: Run by the session if the reply cannot be delivered (the request is gone).
+        self.undo: list[Callable[[], None]] | None = None
 
     def wait_interrupted(self, timeout: float | None = None) -> bool:
         """Block until the request is interrupted or ``timeout`` passes; True if interrupted."""
@@ -60,6 +60,14 @@ class Context:
             self.interrupted = True
             if self._event is not None:
                 self._event.set()
+
+    def on_undelivered(self, fn: Callable[[], None]) -> None:
+        """Have ``fn`` run if this request's reply never reaches the kernel (the caller was
+        killed or the connection aborted): the place to take back what the reply promised."""
+        if self.undo is None:
+            self.undo = [fn]
+        else:
+            self.undo.append(fn)
 
     def buffer(self, size: int) -> memoryview:
         """A scratch buffer of ``size`` bytes (at most ``abi.MAX_WRITE``) owned by this

@@ -25,7 +25,7 @@ from . import abi
 from . import mount as mountmod
 from . import protocol as P
 from .backing import BackingRegistry
-from .ops import Changes, ConnectionInfo, Context, DirListing, Opened, Operations, implemented
+from .ops import Changes, ConnectionInfo, Context, DirListing, Entry, Opened, Operations, implemented
 from .stats import OpSummary, WorkerStats, summarize
 
 log = logging.getLogger("fusepass")
@@ -399,8 +399,11 @@ class Session:
             # ENOENT: the request is gone (interrupted, or the opener died); undo what the reply promised.
             if e.errno not in (errno.ENOENT, *_END_ERRNOS):
                 log.error("writing a reply of %d bytes: %s", sum(len(p) for p in parts), e)
-            if ctx.undo is not None:
-                ctx.undo()
+            for undo in ctx.undo or ():
+                try:
+                    undo()
+                except Exception:
+                    log.exception("undoing an undelivered reply failed")
 
     def _protocol_error(self, fd: int, e: P.ProtocolError, stats: WorkerStats) -> None:
         log.error("malformed request: %s", e)
@@ -430,6 +433,7 @@ class Session:
     def _build_table(self) -> dict[int, Callable[[Any, Context, bytearray], Body]]:
         O = abi.Opcode
         fs = self.fs
+        entry = self._entry_body
         # opcode -> (session method, the fs handler it needs or None if always served)
         plan: dict[int, tuple[Callable[..., Body], str | None]] = {
             O.INIT: (self._op_init, None),
@@ -443,19 +447,19 @@ class Session:
             O.SETATTR: (self._op_setattr, "setattr"),
             O.STATX: (self._op_statx, "statx"),
             O.READLINK: (lambda r, c, b: fs.readlink(c, r.header.nodeid), "readlink"),
-            O.SYMLINK: (lambda r, c, b: P.entry_body(fs.symlink(c, r.header.nodeid, r.name, r.target)), "symlink"),
+            O.SYMLINK: (lambda r, c, b: entry(c, fs.symlink(c, r.header.nodeid, r.name, r.target)), "symlink"),
             O.MKNOD: (
-                lambda r, c, b: P.entry_body(
-                    fs.mknod(c, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)
+                lambda r, c, b: entry(
+                    c, fs.mknod(c, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)
                 ),
                 "mknod",
             ),
-            O.MKDIR: (lambda r, c, b: P.entry_body(fs.mkdir(c, r.header.nodeid, r.name, r.mode, r.umask)), "mkdir"),
+            O.MKDIR: (lambda r, c, b: entry(c, fs.mkdir(c, r.header.nodeid, r.name, r.mode, r.umask)), "mkdir"),
             O.UNLINK: (lambda r, c, b: fs.unlink(c, r.header.nodeid, r.name), "unlink"),
             O.RMDIR: (lambda r, c, b: fs.rmdir(c, r.header.nodeid, r.name), "rmdir"),
             O.RENAME: (self._op_rename, "rename"),
             O.RENAME2: (self._op_rename, "rename"),
-            O.LINK: (lambda r, c, b: P.entry_body(fs.link(c, r.oldnodeid, r.header.nodeid, r.newname)), "link"),
+            O.LINK: (lambda r, c, b: entry(c, fs.link(c, r.oldnodeid, r.header.nodeid, r.newname)), "link"),
             O.OPEN: (self._op_open, "open"),
             O.CREATE: (self._op_create, "create"),
             O.TMPFILE: (self._op_tmpfile, "tmpfile"),
@@ -583,7 +587,7 @@ class Session:
 
     def _op_lookup(self, req: P.Lookup, ctx: Context, buf: bytearray) -> Body:
         try:
-            return P.entry_body(self.fs.lookup(ctx, req.header.nodeid, req.name))
+            return self._entry_body(ctx, self.fs.lookup(ctx, req.header.nodeid, req.name))
         except OSError as e:
             if e.errno == errno.ENOENT and self.fs.negative_timeout > 0:
                 return P.negative_entry_body(self.fs.negative_timeout)
@@ -612,6 +616,12 @@ class Session:
     def _op_rename(self, r: P.Rename, ctx: Context, buf: bytearray) -> Body:
         return self.fs.rename(ctx, r.header.nodeid, r.name, r.newdir, r.newname, r.flags)
 
+    def _entry_body(self, ctx: Context, entry: Entry) -> bytes:
+        """Encode an entry; if the kernel never gets it, it never counted the lookup: forget it."""
+        nodeid = entry.nodeid
+        ctx.on_undelivered(lambda: self.fs.forget(((nodeid, 1),)))
+        return P.entry_body(entry)
+
     def _opened_body(self, ino: int, opened: Opened, ctx: Context, regular: bool) -> bytes:
         """Encode an open reply, routing regular files through the backing registry."""
         flags = opened.fopen_flags()
@@ -626,14 +636,10 @@ class Session:
                 self.registry.release(ino)
                 self.fs.release(ctx, ino, fh, 0)
 
-            ctx.undo = undo
+            ctx.on_undelivered(undo)
         else:
             fh = opened.fh
-
-            def undo_dir() -> None:
-                self.fs.releasedir(ctx, ino, fh)
-
-            ctx.undo = undo_dir
+            ctx.on_undelivered(lambda: self.fs.releasedir(ctx, ino, fh))
         return P.open_body(opened.fh, flags, backing_id)
 
     def _op_open(self, r: P.Open, ctx: Context, buf: bytearray) -> Body:
@@ -646,11 +652,11 @@ class Session:
 
     def _op_create(self, r: P.Create, ctx: Context, buf: bytearray) -> Body:
         entry, opened = self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
-        return P.entry_body(entry) + self._opened_body(entry.nodeid, opened, ctx, True)
+        return self._entry_body(ctx, entry) + self._opened_body(entry.nodeid, opened, ctx, True)
 
     def _op_tmpfile(self, r: P.Create, ctx: Context, buf: bytearray) -> Body:
         entry, opened = self.fs.tmpfile(ctx, r.header.nodeid, r.mode, r.umask, r.flags)
-        return P.entry_body(entry) + self._opened_body(entry.nodeid, opened, ctx, True)
+        return self._entry_body(ctx, entry) + self._opened_body(entry.nodeid, opened, ctx, True)
 
     def _op_release(self, r: P.Release, ctx: Context, buf: bytearray) -> Body:
         ino = r.header.nodeid

@@ -24,7 +24,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import abi, syscalls
-from .ops import ROOT_ID, Attr, Changes, ConnectionInfo, Context, DirListing, Entry, Opened, Operations, StatfsReply
+from .ops import (
+    ROOT_ID,
+    Attr,
+    Changes,
+    ConnectionInfo,
+    Context,
+    DirListing,
+    Entry,
+    Opened,
+    Operations,
+    StatfsReply,
+    StatxReply,
+)
 
 log = logging.getLogger("fusepass.mirror")
 
@@ -333,6 +345,24 @@ class Mirror(Operations):
             if changes.atime_ns is not None or changes.mtime_ns is not None or changes.atime_now or changes.mtime_now:
                 syscalls.utimens(path, changes.atime_ns, changes.mtime_ns, changes.atime_now, changes.mtime_now)
             return _attr(os.fstat(fd))
+
+    def statx(self, ctx: Context, ino: int, fh: int | None, flags: int, mask: int) -> StatxReply:
+        """The fields plain GETATTR cannot carry (birth time, attributes) come from statx(2)."""
+        at = syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW | (flags & syscalls.AT_STATX_SYNC_TYPE)
+        if fh is not None and fh in self._files:
+            raw = syscalls.statx(fh, b"", at, mask)
+        else:
+            with self._pinned(ino) as fd:
+                raw = syscalls.statx(fd, b"", at, mask)
+        (smask, blksize, attributes, nlink, uid, gid, mode, _, st_ino, size, blocks, attributes_mask,
+         a_s, a_ns, _, b_s, b_ns, _, c_s, c_ns, _, m_s, m_ns, _, rmaj, rmin, dmaj, dmin) = abi.STATX.unpack(raw)
+        return StatxReply(
+            mask=smask, blksize=blksize, attributes=attributes, nlink=nlink, uid=uid, gid=gid, mode=mode,
+            ino=st_ino, size=size, blocks=blocks, attributes_mask=attributes_mask,
+            atime_ns=a_s * 1_000_000_000 + a_ns, btime_ns=b_s * 1_000_000_000 + b_ns,
+            ctime_ns=c_s * 1_000_000_000 + c_ns, mtime_ns=m_s * 1_000_000_000 + m_ns,
+            rdev_major=rmaj, rdev_minor=rmin, dev_major=dmaj, dev_minor=dmin,
+        )
 
     def readlink(self, ctx: Context, ino: int) -> bytes:
         with self._pinned(ino) as fd:

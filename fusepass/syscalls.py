@@ -76,6 +76,18 @@ def utimens(path: bytes, atime_ns: int | None, mtime_ns: int | None, atime_now: 
     _check(_libc.utimensat(AT_FDCWD, path, times, 0), "utimensat", path)
 
 
+AT_STATX_SYNC_TYPE = 0x6000
+_STATX_SIZE = 256
+
+
+def statx(dirfd: int, name: bytes, flags: int, mask: int) -> bytes:
+    """The raw 256-byte ``struct statx`` (laid out as ``abi.STATX``: the kernel's fuse_statx is
+    the same structure)."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    _check(_libc.statx(dirfd, name, flags, ctypes.c_uint(mask), buf), "statx", name)
+    return buf.raw
+
+
 def fchownat(dirfd: int, name: bytes, uid: int, gid: int, flags: int) -> None:
     """chown relative to ``dirfd``; with ``name`` b"" and AT_EMPTY_PATH, chown ``dirfd`` itself
     (works on O_PATH descriptors and on symlinks)."""

@@ -1090,3 +1090,23 @@ def test_an_open_file_stays_reachable_after_unlink_under_descriptor_pressure(
     fs.link(c, entry.nodeid, ROOT_ID, b"named")
     fs.release(c, entry.nodeid, tmp.fh, 0)
     assert sorted(os.listdir(src)) == ["named", "other"]
+
+
+def test_statx_through_the_mount_reports_the_source_birth_time(mirror: ServerProcess) -> None:
+    """STATX reaches the server only for fields GETATTR lacks, such as the birth time."""
+    src = mirror.source / "born"  # type: ignore[attr-defined]
+    src.write_bytes(b"x")
+    libc = ctypes.CDLL(None, use_errno=True)
+    STATX_BTIME = 0x800
+
+    def btime(path: Path) -> tuple[int, int, int]:
+        buf = ctypes.create_string_buffer(256)
+        assert libc.statx(-100, bytes(path), 0, STATX_BTIME, buf) == 0, ctypes.get_errno()
+        mask = int.from_bytes(buf.raw[0:4], "little")
+        sec = int.from_bytes(buf.raw[80:88], "little", signed=True)
+        nsec = int.from_bytes(buf.raw[88:92], "little")
+        return mask & STATX_BTIME, sec, nsec
+
+    native = btime(src)
+    assert native[0], "the source filesystem has no birth time"
+    assert btime(Path(mirror.mountpoint) / "born") == native

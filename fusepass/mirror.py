@@ -257,6 +257,13 @@ class Mirror(Operations):
         return Entry(inode.nodeid, _attr(st), self.entry_timeout, self.attr_timeout)
 
     def _lookup_at(self, dirfd: int, name: bytes) -> Entry:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        with self._lock:
+            inode = self._by_key.get((st.st_dev, st.st_ino))
+            # Held open, its number cannot have been reused: the name still means this inode.
+            if inode is not None and inode.fd >= 0 and inode.kind == stat.S_IFMT(st.st_mode):
+                inode.lookups += 1
+                return self._entry(inode, st)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             st = os.fstat(fd)

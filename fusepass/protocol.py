@@ -12,6 +12,7 @@ import errno as errno_mod
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import abi
 
@@ -27,8 +28,9 @@ class ProtocolError(Exception):
         self.header = header
 
 
-@dataclass(slots=True, frozen=True)
-class InHeader:
+class InHeader(NamedTuple):
+    """The fuse_in_header fields we use (a tuple: built for every request, so it must be cheap)."""
+
     length: int
     opcode: int
     unique: int
@@ -38,6 +40,8 @@ class InHeader:
     pid: int
     total_extlen: int
 
+
+_make_header = InHeader._make
 
 # --- requests ---------------------------------------------------------------
 
@@ -478,10 +482,9 @@ class Parser:
     def parse_header(self, buf: Buffer) -> InHeader:
         if len(buf) < abi.IN_HEADER.size:
             raise ProtocolError(f"message of {len(buf)} bytes is shorter than the 40-byte header")
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = abi.IN_HEADER.unpack_from(buf)
-        header = InHeader(length, opcode, unique, nodeid, uid, gid, pid, extlen)
-        if length != len(buf):
-            raise ProtocolError(f"header says {length} bytes but the message has {len(buf)}", header)
+        header = _make_header(abi.IN_HEADER.unpack_from(buf)[:8])
+        if header.length != len(buf):
+            raise ProtocolError(f"header says {header.length} bytes but the message has {len(buf)}", header)
         return header
 
     def parse(self, buf: Buffer) -> Request:

@@ -97,7 +97,8 @@ class Mirror(Operations):
         st = os.stat(self.source)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "source is not a directory", self.source)
-        self.entry_timeout = self.attr_timeout = timeout
+        # A name missing from the source is remembered as missing for as long as a name found is.
+        self.entry_timeout = self.attr_timeout = self.negative_timeout = timeout
         self.max_path_fds = max_path_fds
         self._lock = threading.Lock()
         root_fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

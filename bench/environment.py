@@ -1,0 +1,203 @@
+"""The benchmark's own environment: Debian packages, a virtualenv holding the peers, their example filesystems.
+
+The project never depends on any of it. Everything lands in ``bench/.venv`` (git-ignored): the peers
+pyfuse3 and mfusepy from PyPI, matplotlib and tqdm, and pyfuse3's ``examples/passthroughfs.py`` taken from
+its sdist. What was installed, and every error met on the way, is kept in ``bench/.venv/bench-setup.json``
+so that a later run skips what already worked and the report can say why a peer is missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+VENV = BENCH_DIR / ".venv"
+PEERS_DIR = VENV / "peers"
+STATE_FILE = VENV / "bench-setup.json"
+IN_VENV = "FUSEPASS_BENCH_IN_VENV"  # set in the environment of the re-executed benchmark
+
+PYFUSE3_EXAMPLE = PEERS_DIR / "pyfuse3_passthroughfs.py"
+MFUSEPY_LOOPBACK = BENCH_DIR / "peers" / "mfusepy_loopback.py"
+
+# What the benchmark itself imports inside the venv (charts, progress), and the peers.
+TOOLS = ("matplotlib", "tqdm")
+PEERS = ("pyfuse3", "mfusepy")
+
+Log = Callable[[str], None]
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def load_state() -> dict[str, Any]:
+    try:
+        with open(STATE_FILE) as f:
+            state: dict[str, Any] = json.load(f)
+            return state
+    except (OSError, ValueError):
+        return {"packages": {}, "system": {}}
+
+
+def ensure(log: Log) -> dict[str, Any]:
+    """Install what is missing (Debian packages as root, then the venv and its packages); return the state."""
+    state = load_state()
+    state.setdefault("packages", {})
+    state["system"] = _ensure_system(state, log)
+    venv_error = _ensure_venv(log)
+    if venv_error:
+        state["venv_error"] = venv_error
+        for name in TOOLS + PEERS:
+            state["packages"][name] = {"ok": False, "error": f"no benchmark virtualenv: {venv_error}"}
+        return state
+    state.pop("venv_error", None)
+    for name in TOOLS + PEERS:
+        entry = state["packages"].get(name, {})
+        if entry.get("ok") and _installed_version(name):
+            continue
+        log(f"setup: installing {name} into {VENV}")
+        state["packages"][name] = _pip_install(name)
+        _save(state)
+    entry = state["packages"]["pyfuse3"]
+    if entry.get("ok") and not PYFUSE3_EXAMPLE.exists():
+        log("setup: extracting examples/passthroughfs.py from the pyfuse3 sdist")
+        error = _extract_pyfuse3_example(entry.get("version"))
+        if error:
+            state["packages"]["pyfuse3"] = dict(entry, ok=False, error=error)
+    _save(state)
+    return state
+
+
+def reexec_in_venv(argv: list[str]) -> None:
+    """Replace this process by the same benchmark run under the venv's Python (never returns)."""
+    env = dict(os.environ, **{IN_VENV: "1"})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    python = str(venv_python())
+    os.execve(python, [python, "-m", "bench", *argv], env)
+
+
+def running_in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+# --- Debian packages ----------------------------------------------------------------------------
+
+
+def _ensure_system(state: dict[str, Any], log: Log) -> dict[str, Any]:
+    """apt-get install what the run needs and the machine lacks: fio, fusermount3 and, while pyfuse3 still
+    has to be built, pkg-config, libfuse3-dev and gcc; python3-venv if ``venv`` cannot bootstrap pip."""
+    wanted = []
+    if not shutil.which("fio"):
+        wanted.append("fio")
+    if not shutil.which("fusermount3"):
+        wanted.append("fuse3")
+    if not state["packages"].get("pyfuse3", {}).get("ok"):
+        if not shutil.which("pkg-config"):
+            wanted.append("pkg-config")
+        if not shutil.which("pkg-config") or _run(["pkg-config", "--exists", "fuse3"]).returncode != 0:
+            wanted.append("libfuse3-dev")
+        if not (shutil.which("gcc") or shutil.which("cc")):
+            wanted.append("gcc")
+    if not VENV.exists() and _run([sys.executable, "-c", "import ensurepip"]).returncode != 0:
+        wanted.append("python3-venv")
+    out: dict[str, Any] = {"apt_installed": wanted}
+    if not wanted:
+        return out
+    if os.geteuid() != 0:
+        out["error"] = f"missing Debian packages {wanted} and not root: install them with apt-get"
+        log(f"setup: {out['error']}")
+        return out
+    log(f"setup: apt-get install -y {' '.join(wanted)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = _run(["apt-get", "install", "-y", *wanted], env=env, timeout=900)
+    if proc.returncode != 0:  # a fresh machine has no package lists yet
+        _run(["apt-get", "update"], env=env, timeout=600)
+        proc = _run(["apt-get", "install", "-y", *wanted], env=env, timeout=900)
+    if proc.returncode != 0:
+        out["error"] = f"apt-get install {' '.join(wanted)} failed: {_tail(proc.stdout + proc.stderr)}"
+        log(f"setup: {out['error']}")
+    return out
+
+
+# --- the virtualenv -----------------------------------------------------------------------------
+
+
+def _ensure_venv(log: Log) -> str | None:
+    if venv_python().exists():
+        return None
+    log(f"setup: python3 -m venv {VENV}")
+    proc = _run([sys.executable, "-m", "venv", str(VENV)], timeout=300)
+    if proc.returncode != 0:
+        shutil.rmtree(VENV, ignore_errors=True)
+        return f"python -m venv failed: {_tail(proc.stdout + proc.stderr)}"
+    _run([str(venv_python()), "-m", "pip", "install", "-q", "--upgrade", "pip"], timeout=600)
+    return None
+
+
+def _pip_install(name: str) -> dict[str, Any]:
+    proc = _run([str(venv_python()), "-m", "pip", "install", "-q", name], timeout=1200)
+    if proc.returncode != 0:
+        return {"ok": False, "error": f"pip install {name} failed: {_tail(proc.stdout + proc.stderr)}"}
+    version = _installed_version(name)
+    if version is None:
+        return {"ok": False, "error": f"pip install {name} succeeded but it does not import"}
+    return {"ok": True, "version": version}
+
+
+def _installed_version(name: str) -> str | None:
+    code = f"import importlib.metadata as m, {name}; print(m.version({name!r}))"
+    proc = _run([str(venv_python()), "-c", code], timeout=120)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _extract_pyfuse3_example(version: str | None) -> str | None:
+    """Download the pyfuse3 sdist matching the installed version and keep its passthroughfs example."""
+    spec = f"pyfuse3=={version}" if version else "pyfuse3"
+    with tempfile.TemporaryDirectory(prefix="fusepass-bench-sdist-") as tmp:
+        proc = _run([str(venv_python()), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                     spec, "-d", tmp], timeout=600)
+        archives = glob.glob(os.path.join(tmp, "pyfuse3-*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            return f"pip download of the pyfuse3 sdist failed: {_tail(proc.stdout + proc.stderr)}"
+        with tarfile.open(archives[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("/examples/passthroughfs.py")), None)
+            if member is None:
+                return "the pyfuse3 sdist has no examples/passthroughfs.py"
+            data = tar.extractfile(member)
+            assert data is not None
+            PEERS_DIR.mkdir(parents=True, exist_ok=True)
+            PYFUSE3_EXAMPLE.write_bytes(data.read())
+    return None
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _save(state: dict[str, Any]) -> None:
+    VENV.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(STATE_FILE)
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return subprocess.CompletedProcess(cmd, 127, "", str(e))
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())

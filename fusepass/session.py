@@ -179,6 +179,14 @@ class Session:
             if not self._finished.wait(5):
                 self.abort()
                 self._finished.wait(5)
+        conn = self.connection_id
+        if self.mount is not None and conn is not None and mountmod.connection_id(self.mountpoint) == conn:
+            # The connection ended but is still mounted (aborted through fusectl): unmount the dead
+            # mount point, as libfuse's servers do, instead of leaving ENOTCONN behind.
+            try:
+                self.mount.unmount(lazy=True)
+            except OSError as e:
+                log.warning("unmount of %s: %s", self.mountpoint, e)
         self.registry.close_all()
         for fd in self._fds:
             try:

@@ -225,3 +225,30 @@ def mirror(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Server
     server = start_server(mirror_argv(src))
     server.source = src  # type: ignore[attr-defined]
     return server
+
+
+def fusepass_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``fusepass ARGS...`` (as ``python -m fusepass.cli``) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "fusepass.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def stop_background(mnt: Path) -> None:
+    """Teardown for a background ``fusepass mount``: unmount; if its server lingers, abort the
+    connection and then kill the server by its pid (from the status socket)."""
+    from fusepass import cli, control
+
+    if mountmod.mount_entry(str(mnt)) is None:
+        return
+    conn = mountmod.connection_id(str(mnt))
+    pid = None
+    try:
+        pid = int(control.query(str(mnt), timeout=2)["pid"])
+    except (OSError, ValueError, KeyError):
+        pass
+    mountmod.unmount(str(mnt), lazy=True)
+    if pid is not None and not cli._wait_for_exit(pid, 10):
+        if conn is not None:
+            mountmod.abort_connection(conn)
+        if not cli._wait_for_exit(pid, 5):
+            os.kill(pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -252,3 +253,16 @@ def stop_background(mnt: Path) -> None:
             mountmod.abort_connection(conn)
         if not cli._wait_for_exit(pid, 5):
             os.kill(pid, signal.SIGKILL)
+
+
+def wait_unmounted(path: Path, timeout: float = 20.0) -> None:
+    """Wait until nothing is mounted at ``path``. /proc/self/mountinfo polls with POLLPRI on
+    every change of the mount table, so this sleeps on an event, not on a timer."""
+    deadline = time.monotonic() + timeout
+    with open("/proc/self/mountinfo", "rb") as f:
+        poller = select.poll()
+        poller.register(f, select.POLLPRI | select.POLLERR)
+        while mountmod.mount_entry(str(path)) is not None:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{path} is still mounted after {timeout}s"
+            poller.poll(left * 1000)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, run_as
+from conftest import NOBODY, run_as, stop_background
 
 from fusepass import cli
 from fusepass import mount as mountmod
@@ -28,33 +28,13 @@ def fusepass(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
                           stdin=subprocess.DEVNULL, check=False)
 
 
-def _stop_background(mnt: Path) -> None:
-    """Teardown for background mounts: unmount, and if the server lingers, abort and kill it by pid."""
-    if mountmod.mount_entry(str(mnt)) is None:
-        return
-    conn = mountmod.connection_id(str(mnt))
-    pid = None
-    try:
-        from fusepass import control
-
-        pid = int(control.query(str(mnt), timeout=2)["pid"])
-    except (OSError, ValueError, KeyError):
-        pass
-    mountmod.unmount(str(mnt), lazy=True)
-    if pid is not None and not cli._wait_for_exit(pid, 10):
-        if conn is not None:
-            mountmod.abort_connection(conn)
-        if not cli._wait_for_exit(pid, 5):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture
 def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
     mnt.mkdir()
     yield src, mnt
-    _stop_background(mnt)
+    stop_background(mnt)
 
 
 def assert_not_mounted(mnt: Path) -> None:
@@ -189,7 +169,7 @@ def public_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
     os.chown(src, *NOBODY)
     os.chown(mnt, *NOBODY)
     yield src, mnt
-    _stop_background(mnt)
+    stop_background(mnt)
     shutil.rmtree(base)
 
 

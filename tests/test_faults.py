@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, fusepass_cli, mirror_argv, stop_background
+from conftest import ServerProcess, fusepass_cli, mirror_argv, stop_background, wait_unmounted
 
 from fusepass import control
 from fusepass import mount as mountmod
@@ -319,18 +319,6 @@ def background(tmp_path: Path) -> Iterator[Background]:
     bg = Background(tmp_path)
     yield bg
     bg.cleanup()
-
-
-def wait_unmounted(path: Path, timeout: float = 20.0) -> None:
-    """Wait until nothing is mounted at ``path`` (/proc/self/mountinfo signals POLLPRI on every change)."""
-    deadline = time.monotonic() + timeout
-    with open("/proc/self/mountinfo", "rb") as f:
-        poller = select.poll()
-        poller.register(f, select.POLLPRI | select.POLLERR)
-        while mountmod.mount_entry(str(path)) is not None:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{path} is still mounted after {timeout}s"
-            poller.poll(left * 1000)
 
 
 @MODES

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NOBODY, REPO, python_module, run_as, server_script
+from conftest import NOBODY, REPO, python_module, run_as, server_script, wait_unmounted
 
 from fusepass import mount as mountmod
 
@@ -174,19 +174,6 @@ class CallerProcess:
         if self._r >= 0:
             os.close(self._r)
             self._r = -1
-
-
-def wait_unmounted(path: Path, timeout: float = 20.0) -> None:
-    """Wait until nothing is mounted at ``path``. /proc/self/mountinfo polls with POLLPRI on
-    every change of the mount table, so this sleeps on an event, not on a timer."""
-    deadline = time.monotonic() + timeout
-    with open("/proc/self/mountinfo", "rb") as f:
-        poller = select.poll()
-        poller.register(f, select.POLLPRI | select.POLLERR)
-        while mountmod.mount_entry(str(path)) is not None:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{path} is still mounted after {timeout}s"
-            poller.poll(left * 1000)
 
 
 def mounts_under(directory: Path) -> list[str]:

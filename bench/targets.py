@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -22,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import environment as envmod
+from fusepass import mount as mountmod
+from fusepass.cli import wait_for_exit
 
-FUSECTL = "/sys/fs/fuse/connections"
+from . import environment as envmod
 
 
 class MountFailed(Exception):
@@ -185,38 +185,15 @@ def make_targets(threads: int | None, fusepass_options: str | None, setup: dict[
 # --- mounts, read from /proc/self/mountinfo so that a hung mount is never touched --------------
 
 
-def mount_entry(path: str) -> tuple[str, str] | None:
-    """(``major:minor``, fstype) of the topmost mount at ``path``, if any."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            if _unescape(parts[4]) == path:
-                found = (parts[2], right.split()[0])
-    return found
-
-
 def connection_of(path: str) -> int | None:
     """The fusectl connection number of the FUSE mount at ``path``, or None if none is there."""
-    entry = mount_entry(os.path.abspath(path))
-    if entry is None or not entry[1].startswith("fuse"):
-        return None
-    major, minor = (int(x) for x in entry[0].split(":"))
-    return os.makedev(major, minor) if major else minor
+    return mountmod.connection_id(path)
 
 
 def mounts_under(directory: str) -> list[str]:
     """FUSE mount points at or below ``directory``."""
     prefix = os.path.abspath(directory).rstrip("/") + "/"
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            point = _unescape(left.split()[4])
-            if right.split()[0].startswith("fuse") and (point + "/").startswith(prefix):
-                out.append(point)
-    return out
+    return [point for point, _ in mountmod.fuse_mounts() if (point + "/").startswith(prefix)]
 
 
 def force_unmount(path: str) -> None:
@@ -225,8 +202,7 @@ def force_unmount(path: str) -> None:
     if conn is None:
         return
     with contextlib.suppress(OSError):
-        with open(os.path.join(FUSECTL, str(conn), "abort"), "w") as f:
-            f.write("1")
+        mountmod.abort_connection(conn)
     _run(["umount", "-l", path], timeout=20)
 
 
@@ -236,24 +212,8 @@ def stop_pid(pid: int, grace: float) -> None:
         if sig is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        if _wait_gone(pid, grace if sig is None else 5):
+        if wait_for_exit(pid, grace if sig is None else 5):
             return
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(fd)
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

@@ -138,14 +138,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pid is None:
         print(f"unmounted {mnt} (no server was answering)")
         return 0
-    if _wait_for_exit(pid, 10.0):
+    if wait_for_exit(pid, 10.0):
         print(f"unmounted {mnt}; server {pid} stopped")
     else:
         print(f"unmounted {mnt}; server {pid} still serving files that are open on the detached mount")
     return 0
 
 
-def _wait_for_exit(pid: int, timeout: float) -> bool:
+def wait_for_exit(pid: int, timeout: float) -> bool:
     """Wait for a process we did not start to exit (pidfd: no polling)."""
     try:
         pidfd = os.pidfd_open(pid)
@@ -159,14 +159,8 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
 
 
 def fusepass_mounts() -> list[str]:
-    """Mount points of every fusepass mount, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "fuse.fusepass":
-                out.append(mountmod._unescape(left.split()[4]))
-    return out
+    """Mount points of every fusepass mount."""
+    return [point for point, fstype in mountmod.fuse_mounts() if fstype == "fuse.fusepass"]
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -281,10 +281,7 @@ class Mirror(Operations):
         try:
             st = self._give_to_caller(ctx, fd, dirfd, mode)
         except BaseException:
-            try:
-                _remove_if_same(dirfd, name, os.fstat(fd))
-            finally:
-                os.close(fd)
+            _discard_created(dirfd, name, fd)
             raise
         return self._entry(self._remember(fd, st), st)
 
@@ -475,10 +472,7 @@ class Mirror(Operations):
                 st = self._give_to_caller(ctx, fd, pfd, mode)
                 path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
             except BaseException:
-                try:
-                    _remove_if_same(pfd, name, os.fstat(fd))
-                finally:
-                    os.close(fd)
+                _discard_created(pfd, name, fd)
                 raise
             inode = self._remember(path_fd, st, pin=True)
         return self._entry(inode, st), self._opened(fd, inode)
@@ -652,6 +646,15 @@ def _kill_suid_sgid(fd: int) -> None:
         kill |= stat.S_ISGID
     if kill:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+
+
+def _discard_created(dirfd: int, name: bytes, fd: int) -> None:
+    """Undo a creation that cannot be completed: remove ``name`` if it still is the file
+    ``fd`` holds, and close ``fd``."""
+    try:
+        _remove_if_same(dirfd, name, os.fstat(fd))
+    finally:
+        os.close(fd)
 
 
 def _remove_if_same(dirfd: int, name: bytes, st: os.stat_result) -> None:

@@ -128,6 +128,18 @@ def mount_entry(path: str) -> tuple[str, str, str] | None:
     return found  # the last entry is the one on top
 
 
+def fuse_mounts() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every FUSE mount, from /proc/self/mountinfo (never touching them)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype = right.split()[0]
+            if fstype.startswith("fuse") and fstype != "fusectl":
+                out.append((_unescape(left.split()[4]), fstype))
+    return out
+
+
 def _unescape(s: str) -> str:
     return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 

@@ -248,10 +248,10 @@ def stop_background(mnt: Path) -> None:
     except (OSError, ValueError, KeyError):
         pass
     mountmod.unmount(str(mnt), lazy=True)
-    if pid is not None and not cli._wait_for_exit(pid, 10):
+    if pid is not None and not cli.wait_for_exit(pid, 10):
         if conn is not None:
             mountmod.abort_connection(conn)
-        if not cli._wait_for_exit(pid, 5):
+        if not cli.wait_for_exit(pid, 5):
             os.kill(pid, signal.SIGKILL)
 
 

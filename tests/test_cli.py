@@ -198,7 +198,7 @@ def test_killed_background_server_is_cleaned_up_by_umount(dirs: tuple[Path, Path
     assert fusepass("mount", str(src), str(mnt)).returncode == 0
     pid = json.loads(fusepass("status", str(mnt), "--json").stdout)["pid"]
     os.kill(pid, signal.SIGKILL)
-    assert cli._wait_for_exit(pid, 10)
+    assert cli.wait_for_exit(pid, 10)
     with pytest.raises(OSError) as e:
         os.stat(mnt / "f")
     assert e.value.errno == errno.ENOTCONN

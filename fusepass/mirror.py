@@ -47,6 +47,7 @@ _XATTR_CREATE, _XATTR_REPLACE = 1, 2
 # O_NOFOLLOW: the kernel already refused it on a symlink, and reopening through /proc/self/fd (a magic
 # symlink) with it fails with ELOOP (GNU tar opens every file so).
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+_NO_CHANGES = Changes()
 
 
 def _attr(st: os.stat_result) -> Attr:
@@ -336,7 +337,8 @@ class Mirror(Operations):
     def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
         with self._pinned(ino) as fd:
             path = _proc(fd)
-            if changes.uid is not None or changes.gid is not None:
+            # An empty SETATTR is chown(f, -1, -1): passed on, so the source updates ctime as it would.
+            if changes.uid is not None or changes.gid is not None or changes == _NO_CHANGES:
                 uid = -1 if changes.uid is None else changes.uid
                 gid = -1 if changes.gid is None else changes.gid
                 syscalls.fchownat(fd, b"", uid, gid, syscalls.AT_EMPTY_PATH)

@@ -605,6 +605,26 @@ def test_utime_now_and_omit(work: Work) -> None:
     work.run(body)
 
 
+def test_chown_to_minus_one_updates_ctime_as_on_the_source(work: Work) -> None:
+    # POSIX lets chown(f, -1, -1) leave the times alone; ext4 updates ctime, so the mirror must too
+    # (pjdfstest chown/00.t). The stat before each chown makes the next ctime a fine-grained one.
+    def body() -> None:
+        for base in (work.src, work.mnt):
+            (base / "f").write_bytes(b"x")
+            os.symlink("f", base / "l")
+            for follow in (True, False):
+                before = os.stat(base / "l", follow_symlinks=follow)
+                os.chown(base / "l", -1, -1, follow_symlinks=follow)
+                after = os.stat(base / "l", follow_symlinks=follow)
+                assert after.st_ctime_ns > before.st_ctime_ns, (base, follow)
+                assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+            if base == work.src:
+                os.unlink(base / "l")
+                os.unlink(base / "f")
+
+    work.run(body)
+
+
 @pytest.mark.parametrize("passthrough", ["auto", "off"])
 def test_write_and_truncate_advance_mtime_and_ctime(
     public_tmp: Path, start_server: Callable[..., ServerProcess], passthrough: str

@@ -262,10 +262,20 @@ class Mirror(Operations):
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         with self._lock:
             inode = self._by_key.get((st.st_dev, st.st_ino))
+            if inode is not None and inode.kind != stat.S_IFMT(st.st_mode):
+                inode = None
             # Held open, its number cannot have been reused: the name still means this inode.
-            if inode is not None and inode.fd >= 0 and inode.kind == stat.S_IFMT(st.st_mode):
+            if inode is not None and inode.fd >= 0:
                 inode.lookups += 1
                 return self._entry(inode, st)
+        if inode is not None and inode.handle is not None and self._same_file(dirfd, name, inode):
+            # Its descriptor was evicted; the name's handle (taken after the stat, so the stat was
+            # of this file too: a file the handle names existed all along) proves it is the same
+            # file. It stays without a descriptor until one is needed.
+            with self._lock:
+                if self._inodes.get(inode.nodeid) is inode:
+                    inode.lookups += 1
+                    return self._entry(inode, st)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             st = os.fstat(fd)
@@ -273,6 +283,13 @@ class Mirror(Operations):
             os.close(fd)
             raise
         return self._entry(self._remember(fd, st), st)
+
+    @staticmethod
+    def _same_file(dirfd: int, name: bytes, inode: Inode) -> bool:
+        try:
+            return syscalls.name_to_handle(dirfd, name) == inode.handle
+        except OSError:
+            return False
 
     def _created(self, ctx: Context, dirfd: int, name: bytes, mode: int) -> Entry:
         """Give the just-created ``name`` in ``dirfd`` to the calling user, then look it up.

@@ -32,13 +32,15 @@ class _FileHandle(ctypes.Structure):
                 ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
 
 
-def name_to_handle(fd: int) -> bytes:
-    """The file handle of the file ``fd`` refers to (an O_PATH fd is fine), as opaque bytes."""
+def name_to_handle(fd: int, name: bytes = b"") -> bytes:
+    """The file handle, as opaque bytes, of the file ``fd`` refers to (an O_PATH fd is fine),
+    or with ``name``, of that name in directory ``fd`` (a symlink itself, never followed)."""
     fh = _FileHandle()
     fh.handle_bytes = MAX_HANDLE_SZ
     mount_id = ctypes.c_int()
-    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH),
-           "name_to_handle_at")
+    flags = 0 if name else AT_EMPTY_PATH
+    _check(_libc.name_to_handle_at(fd, name, ctypes.byref(fh), ctypes.byref(mount_id), flags),
+           "name_to_handle_at", name or None)
     header = fh.handle_type.to_bytes(4, "little", signed=True)
     return header + bytes(fh.f_handle[: fh.handle_bytes])
 

@@ -1090,6 +1090,23 @@ def test_a_reused_inode_number_is_a_new_node(direct: tuple[Mirror, Path]) -> Non
     assert e.value.errno == errno.ESTALE
 
 
+def test_looking_up_an_evicted_inode_again_finds_it_without_a_descriptor(direct: tuple[Mirror, Path]) -> None:
+    """The same file under its name keeps its node; the lookup proves it by the name's file
+    handle and opens nothing, so a cyclic walk over more files than max_path_fds stays cheap."""
+    fs, src = direct
+    c = ctx()
+    (src / "a").write_bytes(b"a")
+    (src / "b").write_bytes(b"bb")
+    a = fs.lookup(c, ROOT_ID, b"a")
+    fs.lookup(c, ROOT_ID, b"b")  # evicts a's descriptor
+    again = fs.lookup(c, ROOT_ID, b"a")
+    assert again.nodeid == a.nodeid and again.attr.size == 1
+    assert fs.descriptor_counts()["path"] == 2  # the root's and b's: a was not reopened
+    os.rename(src / "b", src / "a")  # behind the mirror's back: the name now means another file
+    replaced = fs.lookup(c, ROOT_ID, b"a")
+    assert replaced.nodeid != a.nodeid and replaced.attr.size == 2
+
+
 def test_an_open_file_stays_reachable_after_unlink_under_descriptor_pressure(
     direct: tuple[Mirror, Path],
 ) -> None:

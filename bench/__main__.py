@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from . import environment as envmod
 from . import workloads
 from .report import CONFIG_ORDER
 
 
-def _names(allowed: list[str]) -> argparse.Action | type:
+def _names(allowed: list[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
         bad = [n for n in names if n not in allowed]
         if bad or not names:
             raise argparse.ArgumentTypeError(f"unknown {bad or 'empty list'}; choose from {','.join(allowed)}")
         return names
-    return parse  # type: ignore[return-value]
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,8 +137,8 @@ def run(args: Any, setup: dict[str, Any], argv: list[str]) -> int:
         raw["errors"].append({"error": "interrupted: the report covers what was measured"})
         status = 130
     finally:
-        for left in mounts_under(work):
-            force_unmount(left)
+        for mnt in mounts_under(work):
+            force_unmount(mnt)
         if not args.keep_data and not mounts_under(work):
             shutil.rmtree(work, ignore_errors=True)
         progress.close()

@@ -81,6 +81,12 @@ class Worker:
         if len(self.errors) < ERROR_SAMPLES:
             self.errors.append(f"{self.root}: {what}")
 
+    def check_pread(self, fd: int, model: bytes | bytearray, offset: int, label: str) -> None:
+        """Read a random span at ``offset`` and compare it with the model."""
+        size = self.rng.randrange(1, 65537)
+        if os.pread(fd, size, offset) != model[offset:offset + size]:
+            self.fail(f"{label}: pread({size}, {offset}) differs from the model")
+
     def setup(self) -> None:
         os.makedirs(self.root, exist_ok=True)
 
@@ -104,7 +110,7 @@ def _read_all(path: str) -> bytes:
         return f.read()
 
 
-def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int | None = None) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
@@ -184,11 +190,7 @@ class DataWorker(Worker):
                         _write_all(fd, data, offset)
                         self._put(model, offset, data)
                     elif model:
-                        offset = rng.randrange(0, len(model))
-                        size = rng.randrange(1, 65537)
-                        got = os.pread(fd, size, offset)
-                        if got != model[offset:offset + size]:
-                            self.fail(f"{name}: pread({size}, {offset}) differs from the model")
+                        self.check_pread(fd, model, rng.randrange(0, len(model)), name)
             finally:
                 os.close(fd)
             return 20
@@ -279,11 +281,11 @@ class MetaWorker(Worker):
         else:
             where = rng.choice(sorted(self.dirs) + [""])
             got = sorted(os.listdir(self.path(where)))
-            want = sorted([os.path.basename(n) for n in self.names if os.path.dirname(n) == where]
-                          + ([d for d in self.dirs] if where == "" else []))
-            if got != want:
-                self.fail(f"listing of {where or '.'}: {len(got)} names, model {len(want)}: "
-                          f"extra {sorted(set(got) - set(want))[:3]}, missing {sorted(set(want) - set(got))[:3]}")
+            listed = sorted([os.path.basename(n) for n in self.names if os.path.dirname(n) == where]
+                            + ([d for d in self.dirs] if where == "" else []))
+            if got != listed:
+                self.fail(f"listing of {where or '.'}: {len(got)} names, model {len(listed)}: "
+                          f"extra {sorted(set(got) - set(listed))[:3]}, missing {sorted(set(listed) - set(got))[:3]}")
         if op in ("rename", "unlink"):  # an inode whose last name went is gone
             live = set(self.names.values())
             self.content = {k: v for k, v in self.content.items() if k in live}
@@ -337,12 +339,8 @@ class MmapWorker(Worker):
             model[offset:offset + size] = data
         elif op == "flush":
             mapping.flush()
-        elif op == "pread":
-            offset = rng.randrange(0, MMAP_SIZE)
-            size = rng.randrange(1, 65537)
-            got = os.pread(fd, size, offset)
-            if got != model[offset:offset + size]:
-                self.fail(f"m{i}: pread({size}, {offset}) differs from what was written through the mapping")
+        elif op == "pread":  # what was written through the mapping, read through the fd
+            self.check_pread(fd, model, rng.randrange(0, MMAP_SIZE), f"m{i}")
         else:
             self._unmap(i)
             got = _read_all(self.path(f"m{i}"))

@@ -259,10 +259,10 @@ def prepare(work: str, p: Params, log: Callable[[str], None]) -> dict[str, Any]:
     log(f"data: a tree of {p.tree_files:,} files from the stdlib's .py files")
     tree_bytes = 0
     for i in range(p.tree_files):
-        copy, rel = divmod(i, len(files))
-        dst = os.path.join(src, "tree", f"c{copy:02d}", files[rel])
+        copy, index = divmod(i, len(files))
+        dst = os.path.join(src, "tree", f"c{copy:02d}", files[index])
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copyfile(os.path.join(stdlib, files[rel]), dst)
+        shutil.copyfile(os.path.join(stdlib, files[index]), dst)
         tree_bytes += os.path.getsize(dst)
     run_cmd(["tar", "-cf", os.path.join(work, "tree.tar"), "-C", os.path.join(src, "tree"), "."], 600)
     log("data: choosing stdlib .py files that compile cleanly")

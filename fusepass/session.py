@@ -633,12 +633,12 @@ class Session:
     def _opened_body(self, ino: int, opened: Opened, ctx: Context, regular: bool) -> bytes:
         """Encode an open reply, routing regular files through the backing registry."""
         flags = opened.fopen_flags()
+        fh = opened.fh
         backing_id = 0
         if regular:
             backing_id, _ = self.registry.acquire(ino, opened.backing_fd)
             if backing_id:
                 flags = (flags & abi.FOPEN_PASSTHROUGH_COMPATIBLE) | abi.FopenFlag.PASSTHROUGH
-            fh = opened.fh
 
             def undo() -> None:
                 self.registry.release(ino)
@@ -646,9 +646,8 @@ class Session:
 
             ctx.on_undelivered(undo)
         else:
-            fh = opened.fh
             ctx.on_undelivered(lambda: self.fs.releasedir(ctx, ino, fh))
-        return P.open_body(opened.fh, flags, backing_id)
+        return P.open_body(fh, flags, backing_id)
 
     def _op_open(self, r: P.Open, ctx: Context, buf: bytearray) -> Body:
         ino = r.header.nodeid

@@ -255,6 +255,19 @@ def stop_background(mnt: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def poll_until(probe: Callable[[], Any], done: Callable[[Any], bool], what: str, timeout: float = 10.0) -> Any:
+    """Call ``probe`` every 20 ms until ``done`` holds of its result, and return that result; fail
+    with ``what`` after ``timeout``. Only for state that changes without an event to wait on
+    (the kernel sends RELEASE and FORGET asynchronously and tells no one when it has)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"{what} (after {timeout}s; last seen: {value!r})"
+        time.sleep(0.02)
+
+
 def wait_unmounted(path: Path, timeout: float = 20.0) -> None:
     """Wait until nothing is mounted at ``path``. /proc/self/mountinfo polls with POLLPRI on
     every change of the mount table, so this sleeps on an event, not on a timer."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, fusepass_cli, mirror_argv, stop_background, wait_unmounted
+from conftest import ServerProcess, fusepass_cli, mirror_argv, poll_until, stop_background, wait_unmounted
 
 from fusepass import control
 from fusepass import mount as mountmod
@@ -273,10 +273,7 @@ def test_full_source_gives_enospc_keeps_data_and_recovers(full_mirror: tuple[Pat
     os.unlink(mnt / "filler")
     os.unlink(mnt / "more")
     # The space comes back once the server has closed the file; RELEASE is asynchronous.
-    deadline = time.monotonic() + 10
-    while free_bytes(src) < 6 << 20:
-        assert time.monotonic() < deadline, f"space not freed: {free_bytes(src)} bytes free"
-        time.sleep(0.05)
+    poll_until(lambda: free_bytes(src), lambda free: free >= 6 << 20, "space not freed")
 
     after = os.urandom(4 << 20)
     write_all(mnt / "after", after)
@@ -394,10 +391,7 @@ def test_stopped_server_cannot_hang_callers_aborting_frees_them(
     waiting = Path(mountmod.ensure_fusectl()) / str(server.connection) / "waiting"
 
     def poll_waiting(done: Callable[[int], bool], what: str) -> None:
-        deadline = time.monotonic() + 10
-        while not done(int(waiting.read_text())):
-            assert time.monotonic() < deadline, what
-            time.sleep(0.01)
+        poll_until(lambda: int(waiting.read_text()), done, what)
 
     poll_waiting(lambda n: n == 0, "the server did not answer the last close")  # RELEASE is asynchronous
     server.signal(signal.SIGSTOP)

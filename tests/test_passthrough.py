@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SERVERS, ServerProcess, mirror_argv, server_script
+from conftest import SERVERS, ServerProcess, mirror_argv, poll_until, server_script
 
 from fusepass import Attr, Entry, MountOptions, Opened, Operations, Session, control
 from fusepass import mount as mountmod
@@ -54,14 +54,8 @@ def count(st: dict[str, Any], opcode: str) -> int:
 
 def wait_for(server: ServerProcess, condition: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
     """Poll the server's status until ``condition`` holds; fail after DEADLINE seconds."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        st = status(server)
-        if condition(st):
-            return st
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {DEADLINE}s; passthrough status {st['passthrough']}")
-        time.sleep(0.02)  # poll interval
+    st: dict[str, Any] = poll_until(lambda: status(server), condition, f"{what}: not reached", DEADLINE)
+    return st
 
 
 def sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ServerProcess, mirror_argv
+from conftest import REPO, ServerProcess, mirror_argv, poll_until
 
 from fusepass import control
 
@@ -42,13 +42,7 @@ def rss_kib(pid: int) -> int:
 def settled(mnt: Path, pid: int, done: Callable[[dict[str, Any]], bool]) -> dict[str, int]:
     """The server's figures once ``done(status)`` holds (polled: the kernel sends RELEASE and FORGET
     asynchronously and says nothing when it has); fails after SETTLE_TIMEOUT."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while True:
-        st = control.query(str(mnt))
-        if done(st):
-            break
-        assert time.monotonic() < deadline, f"the server did not settle: {st['passthrough']}, {st['filesystem']}"
-        time.sleep(0.05)
+    st = poll_until(lambda: control.query(str(mnt)), done, "the server did not settle", SETTLE_TIMEOUT)
     return {"open_fds": st["open_fds"], "backing_ids": st["passthrough"]["backing_ids"],
             "rss_kib": rss_kib(pid), "opens": st["passthrough"]["opens"],
             "served_opens": st["passthrough"]["served_opens"], **st["filesystem"]["descriptors"]}

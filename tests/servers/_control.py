@@ -9,6 +9,7 @@ open blocks and nothing written is lost before the test opens its end.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -16,7 +17,8 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from fusepass import Session
+from fusepass import MountOptions, Operations, Session
+from fusepass.serve import run_foreground
 
 Command = Callable[..., object]
 
@@ -62,3 +64,19 @@ class Control:
                     reply = f"{ident} error " + traceback.format_exc().replace("\n", " | ")
                 with self._lock:
                     os.write(self._events, (reply + "\n").encode())
+
+
+def run_with_control(make_fs: Callable[[Control], Operations], name: str, *, required: bool) -> int:
+    """The main of a test server: ``--control DIR`` (required or not), the filesystem built
+    around its Control, mounted in the foreground; commands run once the mount answers."""
+    control: list[Control] = []
+
+    def make(args: argparse.Namespace) -> Operations:
+        control.append(Control(args.control))
+        return make_fs(control[0])
+
+    return run_foreground(
+        make, configure=lambda p: p.add_argument("--control", required=required, default=None),
+        defaults=MountOptions(fsname=name, subtype=name, default_permissions=True),
+        on_ready=lambda session: control[0].attach(session),
+    )

@@ -15,15 +15,13 @@ Control commands (see _control.py): ``release``, ``stats PATH``.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import threading
 
-from _control import Control
+from _control import Control, run_with_control
 
-from fusepass import Context, Entry, MountOptions
+from fusepass import Context, Entry
 from fusepass.examples.memfs import MemFS
-from fusepass.serve import run_foreground
 
 BLOCK_LIMIT = 60.0  # a handler never outlives a failed test by more than this
 
@@ -69,17 +67,7 @@ def _misbehave(name: bytes, boom: bytes, errno_prefix: bytes) -> None:
 
 
 def main() -> int:
-    control: list[Control] = []
-
-    def make(args: argparse.Namespace) -> FaultyFS:
-        control.append(Control(args.control))
-        return FaultyFS(control[0])
-
-    return run_foreground(
-        make, configure=lambda p: p.add_argument("--control", default=None),
-        defaults=MountOptions(fsname="faulty", subtype="faulty", default_permissions=True),
-        on_ready=lambda session: control[0].attach(session),
-    )
+    return run_with_control(FaultyFS, "faulty", required=False)
 
 
 if __name__ == "__main__":

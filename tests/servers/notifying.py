@@ -16,16 +16,14 @@ they run on the control thread, never inside a request handler:
 
 from __future__ import annotations
 
-import argparse
 import stat
 import time
 
-from _control import Control
+from _control import Control, run_with_control
 
-from fusepass import MountOptions, Session
+from fusepass import Session
 from fusepass.examples.memfs import MemFS, Node
 from fusepass.ops import ROOT_ID
-from fusepass.serve import run_foreground
 
 
 class NotifyingFS(MemFS):
@@ -84,17 +82,7 @@ class NotifyingFS(MemFS):
 
 
 def main() -> int:
-    control: list[Control] = []
-
-    def make(args: argparse.Namespace) -> NotifyingFS:
-        control.append(Control(args.control))
-        return NotifyingFS(control[0])
-
-    return run_foreground(
-        make, configure=lambda p: p.add_argument("--control", required=True),
-        defaults=MountOptions(fsname="notifying", subtype="notifying", default_permissions=True),
-        on_ready=lambda session: control[0].attach(session),
-    )
+    return run_with_control(NotifyingFS, "notifying", required=True)
 
 
 if __name__ == "__main__":

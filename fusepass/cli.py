@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -17,8 +18,9 @@ from . import control
 from . import mount as mountmod
 from .mirror import Mirror
 from .mount import MountError, MountOptions
+from .negotiate import PASSTHROUGH_MODES
 from .serve import describe, parse_mount_options, serve
-from .session import Session, SessionError
+from .session import DEFAULT_THREADS, Session, SessionError
 
 PROG = "fusepass"
 
@@ -74,9 +76,10 @@ def _prepare(args: argparse.Namespace) -> Session:
 def cmd_mount(args: argparse.Namespace) -> int:
     mountmod.check_mountpoint(args.mountpoint)
     if not os.path.exists(mountmod.DEVICE):
-        raise MountError(19, f"{mountmod.DEVICE} does not exist: load the fuse module (modprobe fuse)")
+        raise MountError(errno.ENODEV, f"{mountmod.DEVICE} does not exist: load the fuse module (modprobe fuse)")
     if not mountmod.has_cap_sys_admin() and mountmod.fusermount_path() is None:
-        raise MountError(1, "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
+        raise MountError(errno.EPERM,
+                         "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
     session = _prepare(args)
     if args.foreground:
         return serve(session, args.ready_fd, PROG)
@@ -132,7 +135,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     try:
         mountmod.unmount(mnt, lazy=args.lazy)
     except OSError as e:
-        if e.errno == 16:  # EBUSY
+        if e.errno == errno.EBUSY:
             raise UsageError(f"{mnt} is busy (files are open on it); use --lazy to detach it now") from None
         raise
     if pid is None:
@@ -261,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated options: ro, allow_other, default_permissions, fsname=, timeout=SECONDS")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
-    m.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto")
-    m.add_argument("--threads", type=int, default=4)
+    m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto")
+    m.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     m.add_argument("--debug", action="store_true", help="trace every request and reply")
     m.add_argument("--log", help="in the background, log to this file (default: syslog)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # for tests, with -f

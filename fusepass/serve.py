@@ -8,10 +8,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .control import ControlServer
+from .control import ControlServer, status_document
 from .mount import MountError, MountOptions
+from .negotiate import PASSTHROUGH_MODES
 from .ops import Operations
-from .session import Session, SessionError
+from .session import DEFAULT_THREADS, Session, SessionError
 
 
 def describe(e: BaseException) -> str:
@@ -44,8 +45,9 @@ def parse_mount_options(text: str, options: MountOptions) -> list[str]:
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mountpoint")
     parser.add_argument("-o", dest="options", action="append", default=[], help="comma-separated mount options")
-    parser.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
-    parser.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"worker threads (default {DEFAULT_THREADS})")
+    parser.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto")
     parser.add_argument("--debug", action="store_true", help="trace every request")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -99,7 +101,7 @@ def serve(session: Session, ready_fd: int | None, prog: str, *,
     control = None
     if session.connection_id is not None:
         try:
-            control = ControlServer(session, session.connection_id)
+            control = ControlServer(lambda: status_document(session), session.connection_id)
         except OSError as e:
             logging.getLogger("fusepass").warning("no status socket: %s", e)
 

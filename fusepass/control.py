@@ -1,5 +1,10 @@
 """A Unix socket per mount through which ``fusepass status`` asks a running server for its state,
-and the status document it answers with."""
+and the status document it answers with.
+
+The exchange is one line each way: the client sends a JSON object naming a command
+(``{"command": "status"}``), the server answers with one JSON object (the command's
+document, or ``{"error": "..."}``) and closes the connection.
+"""
 
 from __future__ import annotations
 
@@ -71,11 +76,36 @@ def socket_path(connection: int) -> str:
     return os.path.join(runtime_dir(), f"{connection}.sock")
 
 
-class ControlServer:
-    """Answers every connection with one JSON document, ``document()``, then closes it."""
+MAX_REQUEST = 4096
+_CLIENT_TIMEOUT = 2.0
 
-    def __init__(self, document: Callable[[], dict[str, Any]], connection: int) -> None:
-        self.document = document
+Commands = dict[str, Callable[[], dict[str, Any]]]
+
+
+def answer(request: bytes, commands: Commands) -> dict[str, Any]:
+    """The answer to one request line: never raises, whatever the bytes."""
+    try:
+        message = json.loads(request)
+    except (ValueError, UnicodeDecodeError):
+        return {"error": "the request is not a JSON object"}
+    if not isinstance(message, dict):
+        return {"error": "the request is not a JSON object"}
+    name = message.get("command")
+    command = commands.get(name) if isinstance(name, str) else None
+    if command is None:
+        return {"error": f"unknown command {name!r}; known: {', '.join(sorted(commands))}"}
+    try:
+        return command()
+    except Exception as e:
+        log.exception("control command %s failed", name)
+        return {"error": f"{name} failed: {e}"}
+
+
+class ControlServer:
+    """Answers each connection's one request from ``commands`` (name -> JSON document), then closes it."""
+
+    def __init__(self, commands: Commands, connection: int) -> None:
+        self.commands = commands
         self.path = socket_path(connection)
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -94,9 +124,11 @@ class ControlServer:
                 return  # closed
             with conn:
                 try:
-                    conn.sendall(json.dumps(self.document()).encode())
-                except Exception:
-                    log.exception("status query failed")
+                    conn.settimeout(_CLIENT_TIMEOUT)
+                    reply = answer(_read_line(conn), self.commands)
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError as e:
+                    log.warning("control connection: %s", e)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -106,8 +138,19 @@ class ControlServer:
             os.unlink(self.path)
 
 
-def query(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the server of the fusepass mount at ``mountpoint`` for its status."""
+def _read_line(conn: socket.socket) -> bytes:
+    """One request line, at most MAX_REQUEST bytes (a longer one is cut there and fails to parse)."""
+    data = b""
+    while b"\n" not in data and len(data) < MAX_REQUEST:
+        chunk = conn.recv(MAX_REQUEST - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def query(mountpoint: str, timeout: float = 5.0, command: str = "status") -> dict[str, Any]:
+    """Ask the server of the fusepass mount at ``mountpoint`` for ``command``'s document."""
     mnt = os.path.abspath(mountpoint)
     connection = mountmod.connection_id(mnt)
     if connection is None:
@@ -120,7 +163,13 @@ def query(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
         except (FileNotFoundError, ConnectionRefusedError):
             raise OSError(errno.ECONNREFUSED,
                           f"the server of {mnt} is not answering (no control socket {path})") from None
+        s.sendall(json.dumps({"command": command}).encode() + b"\n")
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+    reply = json.loads(b"".join(chunks))
+    if not isinstance(reply, dict):
+        raise OSError(errno.EPROTO, f"the server of {mnt} answered with something other than a JSON object")
+    if "error" in reply and len(reply) == 1:
+        raise OSError(errno.EPROTO, f"the server of {mnt}: {reply['error']}")
+    return reply

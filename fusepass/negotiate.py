@@ -87,8 +87,9 @@ def negotiate(
         if passthrough == "on":
             raise NegotiationError(errno.EPROTO, f"passthrough was required but cannot be had: {why_not}")
     conn.want = granted
-    conn.max_write = min(conn.max_write, abi.MAX_WRITE)  # the session's read buffer holds no more
-    conn.max_pages = min(conn.max_pages, abi.MAX_PAGES)
+    # The session's buffers hold no more; the kernel takes no less than a page.
+    conn.max_write = max(abi.PAGE_SIZE, min(conn.max_write, abi.MAX_WRITE))
+    conn.max_pages = max(1, min(conn.max_pages, abi.MAX_PAGES))
     reply = P.init_body(
         minor, min(conn.max_readahead, req.max_readahead), int(granted), conn.max_background,
         conn.congestion_threshold, conn.max_write, conn.time_gran, conn.max_pages,

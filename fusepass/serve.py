@@ -101,7 +101,7 @@ def serve(session: Session, ready_fd: int | None, prog: str, *,
     control = None
     if session.connection_id is not None:
         try:
-            control = ControlServer(lambda: status_document(session), session.connection_id)
+            control = ControlServer({"status": lambda: status_document(session)}, session.connection_id)
         except OSError as e:
             logging.getLogger("fusepass").warning("no status socket: %s", e)
 

@@ -19,11 +19,10 @@ import atheris
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-with atheris.instrument_imports(include=["fusepass"]):
-    from fusepass import abi
-    from fusepass.examples.memfs import MemFS
+from fakekernel import MAX_REPLY, FakeKernel
 
-from fakekernel import MAX_REPLY, FakeKernel  # noqa: E402
+from fusepass import abi
+from fusepass.examples.memfs import MemFS
 
 OPCODES = [int(op) for op in abi.Opcode] + [0, 7, 54, 4096]
 NO_REPLY = {int(op) for op in abi.NO_REPLY_OPCODES}
@@ -61,5 +60,6 @@ def one_input(data: bytes) -> None:
 
 if __name__ == "__main__":
     logging.disable(logging.CRITICAL)  # malformed input is logged (rate-limited); here it is only noise
+    atheris.instrument_all()  # every module loaded (an editable install bypasses the import hook)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()

@@ -411,6 +411,7 @@ class Dispatcher:
 
     def _open(self, r: P.Open, ctx: Context) -> Body:
         ino = r.header.nodeid
+        ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
         return self._opened_body(ino, self.fs.open(ctx, ino, r.flags), ctx, True)
 
     def _opendir(self, r: P.Open, ctx: Context) -> Body:
@@ -418,6 +419,7 @@ class Dispatcher:
         return self._opened_body(ino, self.fs.opendir(ctx, ino, r.flags), ctx, False)
 
     def _create(self, r: P.Create, ctx: Context) -> Body:
+        ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
         entry, opened = self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
         return self._entry_body(ctx, entry) + self._opened_body(entry.nodeid, opened, ctx, True)
 

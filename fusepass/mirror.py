@@ -48,6 +48,7 @@ _XATTR_CREATE, _XATTR_REPLACE = 1, 2
 # symlink) with it fails with ELOOP (GNU tar opens every file so).
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _NO_CHANGES = Changes()
+_CAPABILITY = b"security.capability"
 
 
 def _attr(st: os.stat_result) -> Attr:
@@ -115,6 +116,10 @@ class Mirror(Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir = 1
         self._files: dict[int, Inode] = {}  # open files: their descriptor (the fh) -> the inode, pinned
+        self.killpriv_v2 = False  # decided at INIT
+        # (inode, thread) that just had its file capability removed by the kernel before a write:
+        # the empty SETATTR that follows is the rest of that, not a chown(f, -1, -1).
+        self._privileges_removed: OrderedDict[tuple[int, int], None] = OrderedDict()
         os.umask(0)  # modes arrive with the caller's umask applied, by the kernel or by _mode_for
 
     @property
@@ -126,7 +131,12 @@ class Mirror(Operations):
         # POSIX_ACL: the kernel enforces the source's ACLs (with a mode-only check, an ACL
         # entry denying a user would be ignored, since the server opens files as root).
         # DONT_MASK: then the kernel leaves the umask to us, to skip it under a default ACL.
-        conn.want |= abi.InitFlag.POSIX_ACL | abi.InitFlag.DONT_MASK
+        # HANDLE_KILLPRIV_V2: the kernel stops asking GETXATTR(security.capability) before every
+        # write, and tells us instead when a change must clear set-user-ID and set-group-ID (the
+        # source itself clears security.capability on every write, truncate and chown).
+        F = abi.InitFlag
+        conn.want |= F.POSIX_ACL | F.DONT_MASK | F.HANDLE_KILLPRIV_V2
+        self.killpriv_v2 = bool(conn.kernel_flags & F.HANDLE_KILLPRIV_V2) and conn.proto_minor >= 33
 
     # --- policy hooks for subclasses -----------------------------------------------------
 
@@ -354,7 +364,10 @@ class Mirror(Operations):
     def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
         with self._pinned(ino) as fd:
             path = _proc(fd)
-            # An empty SETATTR is chown(f, -1, -1): passed on, so the source updates ctime as it would.
+            # An empty SETATTR is chown(f, -1, -1): passed on, so the source updates ctime (and clears
+            # set-user-ID) as it would; unless it ends the kernel's removal of a file capability.
+            if changes == _NO_CHANGES and self._took_privileges(ino, ctx.pid):
+                return _attr(os.fstat(fd))
             if changes.uid is not None or changes.gid is not None or changes == _NO_CHANGES:
                 uid = -1 if changes.uid is None else changes.uid
                 gid = -1 if changes.gid is None else changes.gid
@@ -366,6 +379,8 @@ class Mirror(Operations):
                     os.ftruncate(fh, changes.size)
                 else:
                     os.truncate(path, changes.size)
+                if changes.kill_suidgid:  # truncated for a caller without CAP_FSETID; the server has it
+                    _kill_suid_sgid(path)
             if changes.atime_ns is not None or changes.mtime_ns is not None or changes.atime_now or changes.mtime_now:
                 syscalls.utimens(path, changes.atime_ns, changes.mtime_ns, changes.atime_now, changes.mtime_now)
             return _attr(os.fstat(fd))
@@ -458,12 +473,18 @@ class Mirror(Operations):
 
     # --- files ---------------------------------------------------------------------------------
 
-    def _opened(self, fd: int, inode: Inode) -> Opened:
+    def _opened(self, fd: int, inode: Inode, mode: int = 0) -> Opened:
         """Record an open file. Its inode stays pinned (its O_PATH descriptor is never evicted)
-        until the release: a file unlinked while open cannot be reopened from its handle."""
+        until the release: a file unlinked while open cannot be reopened from its handle.
+
+        Under HANDLE_KILLPRIV_V2 a set-user-ID or set-group-ID file is served, never passed
+        through: a passthrough write never reaches the server, which is then the only one that
+        would clear those bits (the kernel leaves it to the server, and the source does not
+        clear them for the server, which holds CAP_FSETID)."""
         with self._lock:
             self._files[fd] = inode
-        return Opened(fh=fd, backing_fd=fd)
+        serve = self.killpriv_v2 and _is_sxid(mode)
+        return Opened(fh=fd, backing_fd=None if serve else fd)
 
     def open(self, ctx: Context, ino: int, flags: int) -> Opened:
         self.check_open(ctx, ino, flags)
@@ -471,12 +492,17 @@ class Mirror(Operations):
         pfd = self._acquire_fd(inode)
         try:
             fd = os.open(_proc(pfd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
-            if flags & os.O_TRUNC and ctx.uid != 0:
+            mode = 0
+            if self.killpriv_v2:
+                mode = os.fstat(fd).st_mode
+                if flags & os.O_TRUNC and ctx.kill_suidgid and _is_sxid(mode):
+                    mode = _kill_suid_sgid(fd)
+            elif flags & os.O_TRUNC and ctx.uid != 0:  # the kernel did not say: a guess by the caller's uid
                 _kill_suid_sgid(fd)
         except BaseException:
             self._release_fd(inode)
             raise
-        return self._opened(fd, inode)
+        return self._opened(fd, inode, mode)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         # The kernel sends CREATE only for a name it just found missing. Always exclusive: a
@@ -494,7 +520,7 @@ class Mirror(Operations):
                 _discard_created(pfd, name, fd)
                 raise
             inode = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(fd, inode)
+        return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         with self._pinned(parent) as pfd:
@@ -508,7 +534,7 @@ class Mirror(Operations):
                 os.close(fd)
                 raise
             inode = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(fd, inode)
+        return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
         buf = ctx.buffer(size)
@@ -516,6 +542,16 @@ class Mirror(Operations):
         return buf[:n]
 
     def write(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
+        if flags & abi.WRITE_KILL_SUIDGID:  # a writer without CAP_FSETID: as the source would for it
+            _kill_suid_sgid(fh)
+        if flags & abi.WRITE_CACHE:
+            # Dirty pages of a mapping: the source never drops privileges for those, but the pwrite
+            # that stores them would drop a file capability; it is put back.
+            capability = _capability(fh)
+            written = os.pwrite(fh, data, offset)
+            if capability is not None:
+                os.setxattr(fh, _CAPABILITY, capability)
+            return written
         return os.pwrite(fh, data, offset)
 
     def release(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
@@ -609,6 +645,17 @@ class Mirror(Operations):
     def removexattr(self, ctx: Context, ino: int, name: bytes) -> None:
         with self._pinned(ino) as fd:
             os.removexattr(_proc(fd), name)
+        if name == _CAPABILITY:
+            with self._lock:
+                self._privileges_removed[ino, ctx.pid] = None
+                while len(self._privileges_removed) > 64:
+                    self._privileges_removed.popitem(last=False)
+
+    def _took_privileges(self, ino: int, pid: int) -> bool:
+        """Whether this thread just removed ``ino``'s file capability: a write's privilege removal
+        (REMOVEXATTR, then an empty SETATTR) is under way, which changes nothing else."""
+        with self._lock:
+            return self._privileges_removed.pop((ino, pid), 0) is None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -656,15 +703,30 @@ class _Pin:
         self.mirror._release_fd(self.inode)
 
 
-def _kill_suid_sgid(fd: int) -> None:
-    """What truncating on open does to a file for a caller without CAP_FSETID: drop setuid, and
-    setgid if group-executable. The server truncated it with its own privileges, which keep them."""
-    mode = os.fstat(fd).st_mode
+def _capability(fd: int) -> bytes | None:
+    try:
+        return os.getxattr(fd, _CAPABILITY)
+    except OSError:
+        return None
+
+
+def _is_sxid(mode: int) -> bool:
+    """Set-user-ID, or set-group-ID with group execute: the bits a write by another user clears."""
+    return bool(mode & stat.S_ISUID or mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP)
+
+
+def _kill_suid_sgid(target: int | bytes) -> int:
+    """What writing or truncating does to a file for a caller without CAP_FSETID: drop setuid, and
+    setgid if group-executable. The server changed it with its own privileges, which keep them.
+    ``target``: an open descriptor or a path. Returns the mode the file is left with."""
+    mode = os.stat(target).st_mode
     kill = mode & stat.S_ISUID
     if mode & stat.S_ISGID and mode & stat.S_IXGRP:
         kill |= stat.S_ISGID
     if kill:
-        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+        mode &= ~kill
+        os.chmod(target, stat.S_IMODE(mode))
+    return mode
 
 
 def _discard_created(dirfd: int, name: bytes, fd: int) -> None:

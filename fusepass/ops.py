@@ -33,7 +33,7 @@ class Context:
     """Who is asking, for one request. ``interrupted`` turns true if the caller gave up
     (a signal); a long handler should check it, or block in ``wait_interrupted``."""
 
-    __slots__ = ("uid", "gid", "pid", "unique", "interrupted", "_event", "scratch", "undo")
+    __slots__ = ("uid", "gid", "pid", "unique", "interrupted", "_event", "scratch", "undo", "kill_suidgid")
 
     def __init__(self, uid: int, gid: int, pid: int, unique: int, scratch: memoryview) -> None:
         self.uid = uid
@@ -46,6 +46,9 @@ class Context:
         self.scratch = scratch
         #: Run by the session if the reply cannot be delivered (the request is gone).
         self.undo: list[Callable[[], None]] | None = None
+        #: OPEN and CREATE under FUSE_HANDLE_KILLPRIV_V2: the caller lacks CAP_FSETID, so a truncating
+        #: open must clear set-user-ID (and set-group-ID on a group-executable file) as the kernel would.
+        self.kill_suidgid = False
 
     def wait_interrupted(self, timeout: float | None = None) -> bool:
         """Block until the request is interrupted or ``timeout`` passes; True if interrupted."""

@@ -24,7 +24,8 @@ def test_any_request_bytes_get_a_json_object(request: bytes) -> None:
 @pytest.mark.parametrize(("request_line", "words"), [
     (b"", "not a JSON object"), (b"[1, 2]", "not a JSON object"), (b"\xff\xfe", "not a JSON object"),
     (b'{"command": "restart"}', "unknown command 'restart'; known: broken, status"),
-    (b'{"command": 7}', "unknown command 7"), (b'{"command": "broken"}', "broken failed: integer division or modulo by zero"),
+    (b'{"command": 7}', "unknown command 7"),
+    (b'{"command": "broken"}', "broken failed: integer division or modulo by zero"),
 ])
 def test_bad_requests_are_answered_with_an_error_in_words(request_line: bytes, words: str) -> None:
     reply = control.answer(request_line, COMMANDS)

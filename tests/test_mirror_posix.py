@@ -339,10 +339,7 @@ def test_sticky_directory_protects_other_users_files(mounted: Mirrored) -> None:
     assert sorted(os.listdir(shared)) == ["alice2"]
 
 
-def test_changes_by_another_user_drop_setuid_and_setgid_like_the_source(mounted: Mirrored) -> None:
-    """Writing or truncating someone else's setuid/setgid file, and setting setgid on a file of
-    a group one is not in, leave the same mode through the mount as on the source."""
-
+def _privilege_operations() -> dict[str, Callable[[Path], object]]:
     def write(p: Path) -> None:
         with open(p, "r+b") as f:
             f.write(b"y")
@@ -354,27 +351,75 @@ def test_changes_by_another_user_drop_setuid_and_setgid_like_the_source(mounted:
         finally:
             os.close(fd)
 
-    operations: dict[str, Callable[[Path], object]] = {
+    def mapped_write(p: Path) -> None:
+        with open(p, "r+b") as f, mmap.mmap(f.fileno(), 10) as m:
+            m[0:1] = b"z"
+
+    return {
         "write": write,
         "truncate": lambda p: os.truncate(p, 3),
         "open with O_TRUNC": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC)),
         "ftruncate": ftruncate,
+        "chown": lambda p: os.chown(p, -1, os.getgid()),
+        "mmap write": mapped_write,
     }
-    modes = {}
-    for where, base in (("mount", mounted.mnt), ("source", mounted.src)):
-        for what, op in operations.items():
-            name = f"{where} {what}"
-            make_file(mounted.src / name, b"x" * 10, 0o6777, 0, GROUP)
-            run_as(*NOBODY, lambda op=op, p=base / name: op(p))
-            modes[where, what] = stat.S_IMODE(os.stat(mounted.src / name).st_mode)
-        name = f"{where} chmod"
-        make_file(mounted.src / name, b"", 0o644, NOBODY[0], GROUP)
-        run_as(*NOBODY, lambda p=base / name: os.chmod(p, 0o2755))
-        modes[where, "chmod g+s"] = stat.S_IMODE(os.stat(mounted.src / name).st_mode)
-    for what in [*operations, "chmod g+s"]:
-        assert modes["mount", what] == modes["source", what], what
-    assert all(modes["source", what] & (stat.S_ISUID | stat.S_ISGID) == 0 for what in operations)
-    assert modes["source", "chmod g+s"] == 0o755
+
+
+@pytest.mark.parametrize("passthrough", ["auto", "off"])
+@pytest.mark.parametrize("user", [None, NOBODY, BOB], ids=["root", "nobody", "bob"])
+def test_changes_drop_setuid_setgid_and_capabilities_exactly_as_on_the_source(
+    public_tmp: Path, start_server: Callable[..., ServerProcess], user: tuple[int, int] | None, passthrough: str
+) -> None:
+    """Writing, truncating (three ways), chown and a write through a mapping, by root (who keeps
+    the bits, holding CAP_FSETID) and by other users on files they may write: the same mode and
+    the same security.capability through the mount as on the source. The mount negotiates
+    HANDLE_KILLPRIV_V2, so the server, not the kernel, clears the bits when the kernel asks."""
+    src = public_tmp / "src"
+    src.mkdir(mode=0o755)
+    server = start_server(mirror_argv(src, "-o", "allow_other", "--passthrough", passthrough),
+                          mountpoint=public_tmp / "mnt")
+    mnt = Path(server.mountpoint)
+    uid, gid = user or (0, 0)
+    capability = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # revision 2, effective: cap_net_bind_service
+    results = {}
+    for mode in (0o6777, 0o2775, 0o4755 if user is None else 0o4777):
+        for what, op in _privilege_operations().items():
+            if what == "chown" and user is not None:
+                continue  # only root may give a file away; a user's own chown is another test
+            for where, base in (("mount", mnt), ("source", src)):
+                name = f"{where} {what} {mode:o}"
+                make_file(src / name, b"x" * 10, mode, uid if what != "truncate" else uid, gid if user else GROUP)
+                os.setxattr(src / name, "security.capability", capability)
+                outcome(user, lambda op=op, p=base / name: op(p))
+                st = os.stat(src / name)
+                try:
+                    cap = os.getxattr(src / name, "security.capability")
+                except OSError:
+                    cap = None
+                results[where, what, mode] = (stat.S_IMODE(st.st_mode), cap)
+    for (where, what, mode), got in results.items():
+        if where == "mount":
+            assert got == results["source", what, mode], f"{what} on a {mode:o} file"
+    if user is not None:  # the rule the comparison rests on, as the source applies it (not to mappings)
+        assert all(m & stat.S_ISUID == 0 for (w, what, _), (m, _) in results.items()
+                   if w == "source" and what != "mmap write")
+
+
+def test_writes_cost_no_getxattr_once_the_kernel_knows_the_file(mounted: Mirrored) -> None:
+    """Under HANDLE_KILLPRIV_V2 the kernel remembers that a file has nothing to clear: a hundred
+    writes ask the server GETXATTR(security.capability) at most once (without it: before each)."""
+    make_file(mounted.src / "plain", b"", 0o666)
+
+    def getxattrs() -> int:
+        return int(control.query(str(mounted.server.mountpoint))["requests"].get("GETXATTR", {}).get("count", 0))
+
+    with open(mounted.mnt / "plain", "r+b", buffering=0) as f:
+        before = getxattrs()
+        for i in range(100):
+            f.write(b"%03d" % i)
+        after = getxattrs()
+    assert after - before <= 1, after - before
+    assert (mounted.src / "plain").read_bytes() == b"".join(b"%03d" % i for i in range(100))
 
 
 def posix_acl(*entries: tuple[int, int, int]) -> bytes:

@@ -15,6 +15,7 @@ hides names; see ``fusepass.examples.readonly_audit``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -49,6 +50,7 @@ _XATTR_CREATE, _XATTR_REPLACE = 1, 2
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _NO_CHANGES = Changes()
 _CAPABILITY = b"security.capability"
+_DOTS = (b".", b"..")
 
 
 def _attr(st: os.stat_result) -> Attr:
@@ -84,7 +86,7 @@ class _DirHandle:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.entries: list[tuple[bytes, int]] | None = None  # (name, d_type-ish mode) snapshot
+        self.entries: list[tuple[bytes, int, int]] | None = None  # snapshot: (name, inode number, S_IFMT or 0)
 
 
 class Mirror(Operations):
@@ -268,8 +270,10 @@ class Mirror(Operations):
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, _attr(st), self.entry_timeout, self.attr_timeout)
 
-    def _lookup_at(self, dirfd: int, name: bytes) -> Entry:
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    def _lookup_at(self, dirfd: int, name: bytes, st: os.stat_result | None = None) -> Entry:
+        """Count one lookup of ``name`` in ``dirfd`` (``st``: its lstat, if just taken)."""
+        if st is None:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         with self._lock:
             inode = self._by_key.get((st.st_dev, st.st_ino))
             if inode is not None and inode.kind != stat.S_IFMT(st.st_mode):
@@ -588,35 +592,38 @@ class Mirror(Operations):
         return Opened(fh=handle_id)
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, listing: DirListing) -> None:
+        """A READDIR is answered from the directory stream alone (name, inode number and type);
+        only READDIRPLUS, whose entries carry attributes and count lookups, stats each name."""
         d = self._dirs[fh]
         if offset == 0 or d.entries is None:
             d.entries = self._snapshot(ino, d.fd)
-        parent_attr = None
+        plus = listing.plus
         for index in range(offset, len(d.entries)):
-            name, mode = d.entries[index]
-            if name in (b".", b".."):
-                if parent_attr is None:
-                    parent_attr = _attr(os.fstat(d.fd))
-                attr = parent_attr
-                lookup = None
-            else:
+            name, number, kind = d.entries[index]
+            lookup = None
+            if plus and name not in _DOTS:
                 try:
                     st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed since the snapshot
                 attr = _attr(st)
-                lookup = (lambda n=name: self._lookup_at(d.fd, n)) if listing.plus else None
+                lookup = functools.partial(self._lookup_at, d.fd, name, st)
+            else:
+                attr = Attr(ino=number, mode=kind)
             if not listing.add(name, index + 1, attr, lookup):
                 return
 
-    def _snapshot(self, ino: int, fd: int) -> list[tuple[bytes, int]]:
+    def _snapshot(self, ino: int, fd: int) -> list[tuple[bytes, int, int]]:
+        """The listing as the stream gives it, after "." and ".." (never looked up)."""
         os.lseek(fd, 0, os.SEEK_SET)
-        entries = [(b".", stat.S_IFDIR), (b"..", stat.S_IFDIR)]
+        number = os.fstat(fd).st_ino
+        entries = [(b".", number, stat.S_IFDIR), (b"..", number, stat.S_IFDIR)]
+        hidden = self.is_hidden
         with os.scandir(fd) as it:
             for e in it:
                 name = os.fsencode(e.name)
-                if not self.is_hidden(ino, name):
-                    entries.append((name, 0))
+                if not hidden(ino, name):
+                    entries.append((name, e.inode(), _kind(e)))
         return entries
 
     def releasedir(self, ctx: Context, ino: int, fh: int) -> None:
@@ -701,6 +708,17 @@ class _Pin:
 
     def __exit__(self, *exc: object) -> None:
         self.mirror._release_fd(self.inode)
+
+
+def _kind(e: os.DirEntry[str]) -> int:
+    """The S_IFMT of a directory entry as its stream reports it, without a stat (0: not said)."""
+    if e.is_symlink():
+        return stat.S_IFLNK
+    if e.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if e.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return 0
 
 
 def _capability(fd: int) -> bytes | None:

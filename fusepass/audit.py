@@ -109,7 +109,8 @@ class AuditLog:
             self._thread.join(timeout)
             self._thread = None
         else:
-            self._drain()
+            while self._drain():
+                pass
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

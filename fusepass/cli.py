@@ -83,6 +83,10 @@ def _check_mountpoint(mountpoint: str) -> str:
         raise UsageError(f"mount point {path}: {describe(e)}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mount point {path} is not a directory")
+    return path
+
+
+def _warn_if_not_empty(path: str) -> None:
     try:
         with os.scandir(path) as it:
             if next(it, None) is not None:
@@ -90,7 +94,6 @@ def _check_mountpoint(mountpoint: str) -> str:
                       file=sys.stderr)
     except OSError:
         pass  # not ours to list: the kernel decides whether it may be mounted on
-    return path
 
 
 def _dead(path: str) -> bool:
@@ -145,6 +148,7 @@ def _prepare(args: argparse.Namespace) -> Session:
           else Mirror(source, **fs_options))  # type: ignore[arg-type]
     if depth is None:
         depth = 2 if fs.stacked else 1
+    _warn_if_not_empty(mnt)
     return Session(fs, mnt, options, threads=args.threads, passthrough=args.passthrough,
                    max_stack_depth=int(depth), debug=args.debug)
 

@@ -89,6 +89,8 @@ class PolicyMirror(Mirror):
 
     def _node(self, ino: int) -> tuple[str | None, int]:
         """The path and mask of node ``ino``: the rules it was reached by and those of its path now."""
+        if not self.policy:  # an audit log alone
+            return self.relative_path(ino), 0
         with self._tag_lock:
             mask = self._tags.get(ino)
         path = self.relative_path(ino) if self._paths or mask is None else None
@@ -102,6 +104,8 @@ class PolicyMirror(Mirror):
         return path, mask
 
     def _tagged(self, entry: Entry, mask: int) -> Entry:
+        if not self.policy:
+            return entry
         with self._tag_lock:
             self._tags[entry.nodeid] = self._tags.get(entry.nodeid, 0) | mask
         return entry

@@ -156,6 +156,8 @@ class PolicyMirror(Mirror):
     # --- names ----------------------------------------------------------------------------------
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        if not self.policy:
+            return super().lookup(ctx, parent, name)
         _, mask = self._child(parent, name, want_path=False)
         if mask & self.policy.hide_mask:
             raise OSError(errno.ENOENT, "no such file")
@@ -163,13 +165,17 @@ class PolicyMirror(Mirror):
 
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         super().forget(items)
+        if not self.policy:
+            return
         with self._tag_lock:
             for nodeid, _ in items:
                 if nodeid != ROOT_ID and nodeid not in self._inodes:
                     self._tags.pop(nodeid, None)
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, listing: DirListing) -> None:
-        super().readdir(ctx, ino, fh, offset, cast(DirListing, _RuledListing(self, ino, listing)))
+        if self.policy:
+            listing = cast(DirListing, _RuledListing(self, ino, listing))
+        super().readdir(ctx, ino, fh, offset, listing)
 
     def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
         path, mask = self._node(ino)

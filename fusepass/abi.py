@@ -16,15 +16,16 @@ KERNEL_MINOR_VERSION = 45
 MIN_KERNEL_MINOR_VERSION = 31
 
 ROOT_ID = 1
-MIN_READ_BUFFER = 8192
 #: Largest WRITE payload we ask for; the read buffer must hold it plus headers.
 MAX_WRITE = 1 << 20
 MAX_PAGES = 256
 PAGE_SIZE = 4096
+#: The largest extended attribute value, and list of names, the kernel's VFS allows.
+XATTR_SIZE_MAX = 65536
 #: Replies with an errno at or beyond this are refused by the kernel.
 MAX_ERRNO = 511
+#: The bit the kernel sets in ``unique`` of a request it queues again after FUSE_NOTIFY_RESEND.
 UNIQUE_RESEND = 1 << 63
-INT_REQ_BIT = 1
 
 
 class Opcode(enum.IntEnum):
@@ -79,6 +80,14 @@ class Opcode(enum.IntEnum):
     TMPFILE = 51
     STATX = 52
     COPY_FILE_RANGE_64 = 53
+
+
+def opname(opcode: int) -> str:
+    """The opcode's name for messages and logs (``opcode N`` for an unknown one)."""
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
 
 
 #: Opcodes the kernel never expects an answer to.
@@ -206,23 +215,17 @@ class NotifyCode(enum.IntEnum):
 
 
 GETATTR_FH = 1
-RELEASE_FLUSH = 1
 RELEASE_FLOCK_UNLOCK = 2
-WRITE_CACHE = 1
-WRITE_LOCKOWNER = 2
 WRITE_KILL_SUIDGID = 4
-READ_LOCKOWNER = 2
 FSYNC_FDATASYNC = 1
 LK_FLOCK = 1
 OPEN_KILL_SUIDGID = 1
 EXPIRE_ONLY = 1
-ATTR_SUBMOUNT = 1
 
 # ioctl numbers on /dev/fuse (magic 229).
 DEV_IOC_CLONE = 0x8004E500
 DEV_IOC_BACKING_OPEN = 0x4010E501
 DEV_IOC_BACKING_CLOSE = 0x4004E502
-DEV_IOC_SYNC_INIT = 0xE503
 
 # --- structs (little-endian, natural alignment, no hidden padding) ----------
 
@@ -275,19 +278,14 @@ LK_OUT = FILE_LOCK
 ACCESS_IN = struct.Struct("<II")
 INTERRUPT_IN = struct.Struct("<Q")
 BMAP_IN = struct.Struct("<QII")
-BMAP_OUT = struct.Struct("<Q")
 IOCTL_IN = struct.Struct("<QIIQII")  # fh flags cmd arg in_size out_size
-IOCTL_OUT = struct.Struct("<iIII")
 POLL_IN = struct.Struct("<QQII")  # fh kh flags events
-POLL_OUT = struct.Struct("<II")
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
 LSEEK_OUT = struct.Struct("<Q")
 COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len flags
 COPY_FILE_RANGE_OUT = struct.Struct("<Q")
-SYNCFS_IN = struct.Struct("<Q")
 STATX_IN = struct.Struct("<IIQII")  # getattr_flags reserved fh sx_flags sx_mask
-SX_TIME = struct.Struct("<qIi")
 # fuse_statx: mask blksize attributes nlink uid gid mode spare0 ino size blocks attributes_mask
 #             atime(16) btime(16) ctime(16) mtime(16) rdev_major rdev_minor dev_major dev_minor spare2[14]
 STATX = struct.Struct("<IIQIIIHHQQQQqIiqIiqIiqIiIIII112x")

@@ -21,10 +21,11 @@ from . import mount as mountmod
 from .audit import AuditLog
 from .mirror import Mirror
 from .mount import MountError, MountOptions
+from .negotiate import PASSTHROUGH_MODES
 from .policy import Policy, RuleError, rules_from_toml
 from .policy_mirror import PolicyMirror
 from .serve import USAGE, OneLineParser, describe, parse_mount_options, serve, thread_count
-from .session import Session, SessionError
+from .session import DEFAULT_THREADS, Session, SessionError
 
 PROG = "fusepass"
 MAX_TIMEOUT = 365 * 86400  # seconds: a year; the kernel would take more, no operator means it
@@ -163,9 +164,10 @@ def _writable(path: str, what: str) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     if not os.path.exists(mountmod.DEVICE):
-        raise MountError(19, f"{mountmod.DEVICE} does not exist: load the fuse module (modprobe fuse)")
+        raise MountError(errno.ENODEV, f"{mountmod.DEVICE} does not exist: load the fuse module (modprobe fuse)")
     if not mountmod.has_cap_sys_admin() and mountmod.fusermount_path() is None:
-        raise MountError(1, "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
+        raise MountError(errno.EPERM,
+                         "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
     session = _prepare(args)
     on_ready = _reopen_on_hangup(session.fs)
     if args.foreground:
@@ -411,11 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "fsname=NAME, timeout=SECONDS (entry and attribute cache, default 1), "
                         "max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
-    m.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto",
+    m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                    help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
                         "on (fail if it cannot be had) or off (serve reads and writes from Python)")
-    m.add_argument("--threads", type=thread_count, default=4, metavar="N",
-                   help="worker threads, each with its own /dev/fuse queue (default 4)")
+    m.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS, metavar="N",
+                   help=f"worker threads, each with its own /dev/fuse queue (default {DEFAULT_THREADS})")
     m.add_argument("--hide", action="append", default=[], metavar="GLOB",
                    help="hide names matching GLOB: they look missing and cannot be created (repeatable)")
     m.add_argument("--deny", action="append", default=[], metavar="SPEC",

@@ -1,22 +1,67 @@
-"""A Unix socket per mount through which ``fusepass status`` asks a running server for its state."""
+"""A Unix socket per mount through which ``fusepass status`` asks a running server for its state,
+and the status document it answers with.
+
+The exchange is one line each way: the client sends a JSON object naming a command
+(``{"command": "status"}``), the server answers with one JSON object (the command's
+document, or ``{"error": "..."}``) and closes the connection.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
 import threading
-from typing import Any, Protocol
+import time
+from collections.abc import Callable
+from typing import Any
 
 from . import mount as mountmod
+from .session import Session
 
 log = logging.getLogger("fusepass")
 
 
-class _HasStatus(Protocol):
-    def status(self) -> dict[str, Any]: ...
+def status_document(session: Session) -> dict[str, Any]:
+    """A JSON-ready snapshot of a session: the schema ``fusepass status --json`` documents."""
+    reg = session.registry
+    try:
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = -1
+    o = session.options
+    return {
+        "mountpoint": session.mountpoint,
+        "fsname": o.fsname,
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - session.started, 3),
+        "options": {
+            "fsname": o.fsname, "subtype": o.subtype, "allow_other": o.allow_other,
+            "default_permissions": o.default_permissions, "ro": o.ro, "max_read": o.max_read,
+        },
+        "threads": session.worker_count,
+        "passthrough": {
+            "mode": session.passthrough_mode,
+            "negotiated": reg.available,
+            "why_not": reg.why_not,
+            "max_stack_depth": session.max_stack_depth,
+            "opens": reg.passthrough_opens,
+            "served_opens": sum(reg.served_opens.values()),
+            "served_reasons": dict(reg.served_opens),
+            "backing_ids": reg.registered,
+        },
+        "requests": {
+            name: {"count": r.requests, "errors": r.errors, "expected_errors": r.expected,
+                   "total_ms": round(r.total_ns / 1e6, 3), "p50_us": r.p50_ns / 1000, "p99_us": r.p99_ns / 1000}
+            for name, r in session.op_stats().items()
+        },
+        "malformed_requests": session.malformed_requests,
+        "open_fds": open_fds,
+        "filesystem": session.fs.status(),
+    }
 
 
 def runtime_dir() -> str:
@@ -31,11 +76,36 @@ def socket_path(connection: int) -> str:
     return os.path.join(runtime_dir(), f"{connection}.sock")
 
 
-class ControlServer:
-    """Answers every connection with one JSON document, ``source.status()``, then closes it."""
+MAX_REQUEST = 4096
+_CLIENT_TIMEOUT = 2.0
 
-    def __init__(self, source: _HasStatus, connection: int) -> None:
-        self.source = source
+Commands = dict[str, Callable[[], dict[str, Any]]]
+
+
+def answer(request: bytes, commands: Commands) -> dict[str, Any]:
+    """The answer to one request line: never raises, whatever the bytes."""
+    try:
+        message = json.loads(request)
+    except (ValueError, UnicodeDecodeError):
+        return {"error": "the request is not a JSON object"}
+    if not isinstance(message, dict):
+        return {"error": "the request is not a JSON object"}
+    name = message.get("command")
+    command = commands.get(name) if isinstance(name, str) else None
+    if command is None:
+        return {"error": f"unknown command {name!r}; known: {', '.join(sorted(commands))}"}
+    try:
+        return command()
+    except Exception as e:
+        log.exception("control command %s failed", name)
+        return {"error": f"{name} failed: {e}"}
+
+
+class ControlServer:
+    """Answers each connection's one request from ``commands`` (name -> JSON document), then closes it."""
+
+    def __init__(self, commands: Commands, connection: int) -> None:
+        self.commands = commands
         self.path = socket_path(connection)
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -54,9 +124,11 @@ class ControlServer:
                 return  # closed
             with conn:
                 try:
-                    conn.sendall(json.dumps(self.source.status()).encode())
-                except Exception:
-                    log.exception("status query failed")
+                    conn.settimeout(_CLIENT_TIMEOUT)
+                    reply = answer(_read_line(conn), self.commands)
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError as e:
+                    log.warning("control connection: %s", e)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -66,20 +138,38 @@ class ControlServer:
             os.unlink(self.path)
 
 
-def query(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the server of the fusepass mount at ``mountpoint`` for its status."""
+def _read_line(conn: socket.socket) -> bytes:
+    """One request line, at most MAX_REQUEST bytes (a longer one is cut there and fails to parse)."""
+    data = b""
+    while b"\n" not in data and len(data) < MAX_REQUEST:
+        chunk = conn.recv(MAX_REQUEST - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def query(mountpoint: str, timeout: float = 5.0, command: str = "status") -> dict[str, Any]:
+    """Ask the server of the fusepass mount at ``mountpoint`` for ``command``'s document."""
     mnt = os.path.abspath(mountpoint)
     connection = mountmod.connection_id(mnt)
     if connection is None:
-        raise OSError(2, f"{mnt} is not a FUSE mount")
+        raise OSError(errno.ENOENT, f"{mnt} is not a FUSE mount")
     path = socket_path(connection)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise OSError(111, f"the server of {mnt} is not answering (no control socket {path})") from None
+            raise OSError(errno.ECONNREFUSED,
+                          f"the server of {mnt} is not answering (no control socket {path})") from None
+        s.sendall(json.dumps({"command": command}).encode() + b"\n")
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+    reply = json.loads(b"".join(chunks))
+    if not isinstance(reply, dict):
+        raise OSError(errno.EPROTO, f"the server of {mnt} answered with something other than a JSON object")
+    if "error" in reply and len(reply) == 1:
+        raise OSError(errno.EPROTO, f"the server of {mnt}: {reply['error']}")
+    return reply

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -11,17 +10,15 @@ import stat
 import subprocess
 from dataclasses import dataclass, field
 
-from . import abi
+from . import syscalls
+from .device import DEVICE, Device, DeviceError
 
-DEVICE = "/dev/fuse"
+__all__ = ["DEVICE", "Mount", "MountError", "MountOptions", "mount", "unmount"]
+
 FUSECTL = "/sys/fs/fuse/connections"
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_NOATIME = 1, 2, 4, 8, 1024
-MNT_FORCE, MNT_DETACH = 1, 2
+MNT_DETACH = 2
 CAP_SYS_ADMIN = 21
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class MountError(OSError):
@@ -89,14 +86,25 @@ UNSAFE_NAME_CHARS = ",= \t\n\\"
 
 @dataclass(slots=True)
 class Mount:
-    """A live mount: the /dev/fuse descriptor serving it and how it was made."""
+    """A live mount: the /dev/fuse descriptor serving it and how it was made. As a context
+    manager it unmounts (lazily) and closes the descriptor on leaving."""
 
-    fd: int
+    device: Device
     mountpoint: str
     method: str  # "mount(2)" or "fusermount3"
 
     def unmount(self, lazy: bool = True) -> None:
         unmount(self.mountpoint, lazy=lazy, method=self.method)
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if mount_entry(self.mountpoint) is not None:
+                self.unmount(lazy=True)
+        finally:
+            self.device.close()
 
 
 def has_cap_sys_admin() -> bool:
@@ -109,15 +117,6 @@ def has_cap_sys_admin() -> bool:
     except OSError:
         pass
     return os.geteuid() == 0
-
-
-def open_device() -> int:
-    try:
-        return os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MountError(errno.ENODEV, f"{DEVICE} does not exist: load the fuse module (modprobe fuse)") from None
-    except PermissionError:
-        raise MountError(errno.EACCES, f"no permission to open {DEVICE}") from None
 
 
 def mount_entry(path: str) -> tuple[str, str, str] | None:
@@ -178,14 +177,17 @@ def mount(mountpoint: str, options: MountOptions) -> Mount:
 
 
 def _mount_kernel(path: str, options: MountOptions) -> Mount:
-    fd = open_device()
-    data = options.kernel_data(fd, os.getuid(), os.getgid())
+    try:
+        device = Device.open()
+    except DeviceError as e:
+        raise MountError(e.errno, e.strerror) from None
+    data = options.kernel_data(device.fd, os.getuid(), os.getgid())
     fstype = f"fuse.{options.subtype}"
-    if _libc.mount(options.fsname.encode(), path.encode(), fstype.encode(), options.flags(), data.encode()) != 0:
-        err = ctypes.get_errno()
-        os.close(fd)
+    err = syscalls.mount(options.fsname.encode(), path.encode(), fstype.encode(), options.flags(), data.encode())
+    if err:
+        device.close()
         raise MountError(err, f"mount({path}) failed: {os.strerror(err)} (options {data})")
-    return Mount(fd, path, "mount(2)")
+    return Mount(device, path, "mount(2)")
 
 
 def fusermount_path() -> str | None:
@@ -216,7 +218,7 @@ def _mount_fusermount(path: str, options: MountOptions) -> Mount:
         raise MountError(errno.EPERM, f"fusermount3 could not mount {path}: {msg}")
     fd = fds[0]
     os.set_inheritable(fd, False)
-    return Mount(fd, path, "fusermount3")
+    return Mount(Device(fd), path, "fusermount3")
 
 
 def unmount(mountpoint: str, lazy: bool = True, method: str | None = None) -> None:
@@ -224,14 +226,12 @@ def unmount(mountpoint: str, lazy: bool = True, method: str | None = None) -> No
     otherwise EBUSY is raised. Without privileges this goes through ``fusermount3 -u``."""
     path = os.path.abspath(mountpoint)
     if method != "fusermount3" and has_cap_sys_admin():
-        if _libc.umount2(path.encode(), 0) == 0:
-            return
-        err = ctypes.get_errno()
+        err = syscalls.umount2(path.encode(), 0)
         if err == errno.EBUSY and lazy:
-            if _libc.umount2(path.encode(), MNT_DETACH) == 0:
-                return
-            err = ctypes.get_errno()
-        raise OSError(err, f"unmounting {path} failed: {os.strerror(err)}")
+            err = syscalls.umount2(path.encode(), MNT_DETACH)
+        if err:
+            raise OSError(err, f"unmounting {path} failed: {os.strerror(err)}")
+        return
     helper = fusermount_path()
     if helper is None:
         raise OSError(errno.EPERM, "unmounting without CAP_SYS_ADMIN needs fusermount3")
@@ -254,10 +254,9 @@ def connection_id(mountpoint: str) -> int | None:
 def ensure_fusectl() -> str:
     """Mount the fusectl filesystem if it is not there yet; return its path."""
     if not os.path.exists(os.path.join(FUSECTL, "")) or mount_entry(FUSECTL) is None:
-        if _libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None) != 0:
-            err = ctypes.get_errno()
-            if err != errno.EBUSY:
-                raise OSError(err, f"cannot mount fusectl at {FUSECTL}: {os.strerror(err)}")
+        err = syscalls.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None)
+        if err and err != errno.EBUSY:
+            raise OSError(err, f"cannot mount fusectl at {FUSECTL}: {os.strerror(err)}")
     return FUSECTL
 
 
@@ -271,17 +270,3 @@ def abort_connection(conn: int) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def clone_device(fd: int) -> int:
-    """A new /dev/fuse descriptor on the same connection, with its own request queue."""
-    import fcntl
-    import struct
-
-    new = open_device()
-    try:
-        fcntl.ioctl(new, abi.DEV_IOC_CLONE, struct.pack("I", fd))
-    except OSError:
-        os.close(new)
-        raise
-    return new

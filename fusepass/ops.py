@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import abi
+from .notify import Notifier
 from .protocol import Attr, Entry, StatfsReply, StatxReply, dirent_size, entry_body, pack_dirent, pack_direntplus
 
 __all__ = [
@@ -32,7 +33,7 @@ class Context:
     """Who is asking, for one request. ``interrupted`` turns true if the caller gave up
     (a signal); a long handler should check it, or block in ``wait_interrupted``."""
 
-    __slots__ = ("uid", "gid", "pid", "unique", "interrupted", "_event", "_scratch", "undo")
+    __slots__ = ("uid", "gid", "pid", "unique", "interrupted", "_event", "scratch", "undo")
 
     def __init__(self, uid: int, gid: int, pid: int, unique: int, scratch: memoryview) -> None:
         self.uid = uid
@@ -41,7 +42,8 @@ class Context:
         self.unique = unique
         self.interrupted = False
         self._event: threading.Event | None = None
-        self._scratch = scratch
+        #: This worker's reply buffer (see ``buffer``).
+        self.scratch = scratch
         #: Run by the session if the reply cannot be delivered (the request is gone).
         self.undo: list[Callable[[], None]] | None = None
 
@@ -72,9 +74,9 @@ class Context:
     def buffer(self, size: int) -> memoryview:
         """A scratch buffer of ``size`` bytes (at most ``abi.MAX_WRITE``) owned by this
         worker, for READ replies: fill it and return it, with no allocation."""
-        if size > len(self._scratch):
-            raise ValueError(f"scratch buffer holds {len(self._scratch)} bytes, {size} asked")
-        return self._scratch[:size]
+        if size > len(self.scratch):
+            raise ValueError(f"scratch buffer holds {len(self.scratch)} bytes, {size} asked")
+        return self.scratch[:size]
 
 
 _event_lock = threading.Lock()
@@ -138,15 +140,13 @@ class DirListing:
     cookie the kernel hands back to continue after this entry; it must be nonzero.
     """
 
-    __slots__ = ("plus", "_buf", "_pos", "_limit", "_entry_timeout", "_attr_timeout")
+    __slots__ = ("plus", "_buf", "_pos", "_limit")
 
-    def __init__(self, buf: bytearray, size: int, plus: bool, entry_timeout: float, attr_timeout: float) -> None:
+    def __init__(self, buf: bytearray | memoryview, size: int, plus: bool) -> None:
         self.plus = plus
         self._buf = buf
         self._pos = 0
         self._limit = min(size, len(buf))
-        self._entry_timeout = entry_timeout
-        self._attr_timeout = attr_timeout
 
     def add(self, name: bytes, next_offset: int, attr: Attr, lookup: Callable[[], Entry] | None = None) -> bool:
         """Add one entry. In a READDIRPLUS reply ``lookup`` is called (only if the entry
@@ -168,10 +168,6 @@ class DirListing:
 
     def result(self) -> memoryview:
         return memoryview(self._buf)[: self._pos]
-
-
-def enosys(*_args: object) -> None:
-    raise OSError(errno.ENOSYS, "not implemented")
 
 
 class Operations:
@@ -328,7 +324,8 @@ class Operations:
 
 @dataclass(slots=True)
 class ConnectionInfo:
-    """What INIT negotiated. ``want`` may be changed in ``Operations.init``."""
+    """What INIT negotiated. ``want`` may be changed in ``Operations.init``. ``notifier`` sends
+    the kernel cache invalidations and data (keep it: it stays valid for the connection's life)."""
 
     proto_minor: int
     kernel_flags: abi.InitFlag
@@ -340,6 +337,7 @@ class ConnectionInfo:
     time_gran: int = 1
     max_background: int = 64
     congestion_threshold: int = 48
+    notifier: Notifier | None = None
 
 
 def implemented(fs: Operations, name: str) -> bool:

@@ -20,12 +20,14 @@ Buffer = bytes | bytearray | memoryview
 
 
 class ProtocolError(Exception):
-    """A malformed request. ``header`` is set when the header itself was readable,
-    so the server can still answer that request with an errno."""
+    """A malformed request. ``header`` is set when the header itself was readable, so the
+    server can still answer that request, with ``errno`` (EIO, or EINVAL for a size beyond
+    what was negotiated)."""
 
-    def __init__(self, message: str, header: InHeader | None = None) -> None:
+    def __init__(self, message: str, header: InHeader | None = None, errno: int = errno_mod.EIO) -> None:
         super().__init__(message)
         self.header = header
+        self.errno = errno
 
 
 class InHeader(NamedTuple):
@@ -41,7 +43,7 @@ class InHeader(NamedTuple):
     total_extlen: int
 
 
-_make_header = InHeader._make
+_new_tuple = tuple.__new__  # builds an InHeader without NamedTuple's Python-level __new__
 
 # --- requests ---------------------------------------------------------------
 
@@ -414,106 +416,127 @@ def _name(body: memoryview, h: InHeader) -> bytes:
     return name
 
 
-def _opname(opcode: int) -> str:
-    try:
-        return abi.Opcode(opcode).name
-    except ValueError:
-        return f"opcode {opcode}"
+def _rename_names(h: InHeader, newdir: int, flags: int, b: memoryview) -> Rename:
+    name, newname = _names(b, 2, h)
+    if not name or not newname:
+        raise ProtocolError("RENAME: empty name", h)
+    return Rename(h, newdir, flags, name, newname)
+
+
+_opname = abi.opname
 
 
 class Parser:
-    """Parses requests. Its one piece of state is what INIT negotiated that changes
-    a layout (the 16-byte SETXATTR header)."""
+    """Parses requests. Its state is what INIT negotiated that changes a layout (the 16-byte
+    SETXATTR header) or bounds a size: ``max_reply``, the largest data reply (READ, READDIR,
+    IOCTL out) the kernel can ask for. A request that asks for more is refused before any
+    handler runs (EINVAL): a size field never decides how much memory the server takes.
+
+    ``parse`` takes a whole message; the ``parse_*`` methods take one opcode family's header
+    and body, each returning its own request type (the dispatcher pairs each with its handler).
+    """
 
     def __init__(self) -> None:
         self.setxattr_ext = False
-        self._table: dict[int, Callable[[InHeader, memoryview], Request]] = {
-            abi.Opcode.INIT: self._init,
-            abi.Opcode.DESTROY: lambda h, b: Destroy(h),
-            abi.Opcode.LOOKUP: lambda h, b: Lookup(h, _name(b, h)),
-            abi.Opcode.FORGET: self._forget,
-            abi.Opcode.BATCH_FORGET: self._batch_forget,
-            abi.Opcode.GETATTR: self._getattr,
-            abi.Opcode.SETATTR: self._setattr,
-            abi.Opcode.READLINK: lambda h, b: Readlink(h),
-            abi.Opcode.SYMLINK: self._symlink,
-            abi.Opcode.MKNOD: self._mknod,
-            abi.Opcode.MKDIR: self._mkdir,
-            abi.Opcode.UNLINK: lambda h, b: Unlink(h, _name(b, h)),
-            abi.Opcode.RMDIR: lambda h, b: Rmdir(h, _name(b, h)),
-            abi.Opcode.RENAME: self._rename,
-            abi.Opcode.RENAME2: self._rename2,
-            abi.Opcode.LINK: self._link,
-            abi.Opcode.OPEN: self._open,
-            abi.Opcode.OPENDIR: self._open,
-            abi.Opcode.CREATE: self._create,
-            abi.Opcode.TMPFILE: self._create,
-            abi.Opcode.READ: self._read,
-            abi.Opcode.READDIR: self._read,
-            abi.Opcode.READDIRPLUS: self._read,
-            abi.Opcode.WRITE: self._write,
-            abi.Opcode.STATFS: lambda h, b: Statfs(h),
-            abi.Opcode.RELEASE: self._release,
-            abi.Opcode.RELEASEDIR: self._release,
-            abi.Opcode.FSYNC: self._fsync,
-            abi.Opcode.FSYNCDIR: self._fsync,
-            abi.Opcode.SETXATTR: self._setxattr,
-            abi.Opcode.GETXATTR: self._getxattr,
-            abi.Opcode.LISTXATTR: lambda h, b: Listxattr(h, _fixed(b, abi.GETXATTR_IN, h)[0]),
-            abi.Opcode.REMOVEXATTR: lambda h, b: Removexattr(h, _name(b, h)),
-            abi.Opcode.FLUSH: self._flush,
-            abi.Opcode.GETLK: self._lock,
-            abi.Opcode.SETLK: self._lock,
-            abi.Opcode.SETLKW: self._lock,
-            abi.Opcode.ACCESS: lambda h, b: Access(h, _fixed(b, abi.ACCESS_IN, h)[0]),
-            abi.Opcode.INTERRUPT: lambda h, b: Interrupt(h, _fixed(b, abi.INTERRUPT_IN, h)[0]),
-            abi.Opcode.BMAP: self._bmap,
-            abi.Opcode.IOCTL: self._ioctl,
-            abi.Opcode.POLL: self._poll,
-            abi.Opcode.NOTIFY_REPLY: self._notify_reply,
-            abi.Opcode.FALLOCATE: self._fallocate,
-            abi.Opcode.LSEEK: self._lseek,
-            abi.Opcode.COPY_FILE_RANGE: self._copy_file_range,
-            abi.Opcode.COPY_FILE_RANGE_64: self._copy_file_range,
-            abi.Opcode.SYNCFS: lambda h, b: Syncfs(h),
-            abi.Opcode.STATX: self._statx,
+        self.max_reply = abi.MAX_PAGES * abi.PAGE_SIZE
+        O = abi.Opcode
+        self.body_parsers: dict[int, Callable[[InHeader, memoryview], Request]] = {
+            O.INIT: self.parse_init, O.DESTROY: self.parse_destroy, O.LOOKUP: self.parse_lookup,
+            O.FORGET: self.parse_forget, O.BATCH_FORGET: self.parse_batch_forget,
+            O.GETATTR: self.parse_getattr, O.SETATTR: self.parse_setattr, O.READLINK: self.parse_readlink,
+            O.SYMLINK: self.parse_symlink, O.MKNOD: self.parse_mknod, O.MKDIR: self.parse_mkdir,
+            O.UNLINK: self.parse_unlink, O.RMDIR: self.parse_rmdir, O.RENAME: self.parse_rename,
+            O.RENAME2: self.parse_rename2, O.LINK: self.parse_link, O.OPEN: self.parse_open,
+            O.OPENDIR: self.parse_open, O.CREATE: self.parse_create, O.TMPFILE: self.parse_create,
+            O.READ: self.parse_read, O.READDIR: self.parse_read, O.READDIRPLUS: self.parse_read,
+            O.WRITE: self.parse_write, O.STATFS: self.parse_statfs, O.RELEASE: self.parse_release,
+            O.RELEASEDIR: self.parse_release, O.FSYNC: self.parse_fsync, O.FSYNCDIR: self.parse_fsync,
+            O.SETXATTR: self.parse_setxattr, O.GETXATTR: self.parse_getxattr, O.LISTXATTR: self.parse_listxattr,
+            O.REMOVEXATTR: self.parse_removexattr, O.FLUSH: self.parse_flush, O.GETLK: self.parse_lock,
+            O.SETLK: self.parse_lock, O.SETLKW: self.parse_lock, O.ACCESS: self.parse_access,
+            O.INTERRUPT: self.parse_interrupt, O.BMAP: self.parse_bmap, O.IOCTL: self.parse_ioctl,
+            O.POLL: self.parse_poll, O.NOTIFY_REPLY: self.parse_notify_reply, O.FALLOCATE: self.parse_fallocate,
+            O.LSEEK: self.parse_lseek, O.COPY_FILE_RANGE: self.parse_copy_file_range,
+            O.COPY_FILE_RANGE_64: self.parse_copy_file_range, O.SYNCFS: self.parse_syncfs, O.STATX: self.parse_statx,
         }
 
-    def parse_header(self, buf: Buffer) -> InHeader:
-        if len(buf) < abi.IN_HEADER.size:
-            raise ProtocolError(f"message of {len(buf)} bytes is shorter than the 40-byte header")
-        header = _make_header(abi.IN_HEADER.unpack_from(buf)[:8])
-        if header.length != len(buf):
-            raise ProtocolError(f"header says {header.length} bytes but the message has {len(buf)}", header)
-        return header
+    def split(self, buf: memoryview) -> tuple[InHeader, memoryview]:
+        """The header of a whole message (checked against its length) and its body without extensions."""
+        n = len(buf)
+        if n < abi.IN_HEADER.size:
+            raise ProtocolError(f"message of {n} bytes is shorter than the 40-byte header")
+        header = _new_tuple(InHeader, abi.IN_HEADER.unpack_from(buf)[:8])
+        if header.length != n:
+            raise ProtocolError(f"header says {header.length} bytes but the message has {n}", header)
+        if header.total_extlen:
+            extlen = header.total_extlen * 8
+            if extlen > n - abi.IN_HEADER.size:
+                raise ProtocolError(
+                    f"extension length {extlen} exceeds the body of {n - abi.IN_HEADER.size} bytes", header
+                )
+            return header, buf[abi.IN_HEADER.size : n - extlen]
+        return header, buf[abi.IN_HEADER.size :]
 
     def parse(self, buf: Buffer) -> Request:
         """Parse one whole message as read from the device."""
-        header = self.parse_header(buf)
-        body = memoryview(buf)[abi.IN_HEADER.size :]
-        if header.total_extlen:
-            extlen = header.total_extlen * 8
-            if extlen > len(body):
-                raise ProtocolError(f"extension length {extlen} exceeds the body of {len(body)} bytes", header)
-            body = body[: len(body) - extlen]
-        parse_body = self._table.get(header.opcode)
+        header, body = self.split(memoryview(buf))
+        parse_body = self.body_parsers.get(header.opcode)
         if parse_body is None:
             return Unknown(header)
         return parse_body(header, body)
 
-    # Each helper below parses one opcode family's body.
+    def _bounded(self, size: int, limit: int, what: str, h: InHeader) -> int:
+        if size > limit:
+            raise ProtocolError(f"{_opname(h.opcode)}: {what} {size} exceeds the {limit} bytes negotiated", h,
+                                errno_mod.EINVAL)
+        return size
 
-    def _init(self, h: InHeader, b: memoryview) -> Init:
+    # Each method below parses one opcode family's body.
+
+    def parse_destroy(self, h: InHeader, b: memoryview) -> Destroy:
+        return Destroy(h)
+
+    def parse_lookup(self, h: InHeader, b: memoryview) -> Lookup:
+        return Lookup(h, _name(b, h))
+
+    def parse_readlink(self, h: InHeader, b: memoryview) -> Readlink:
+        return Readlink(h)
+
+    def parse_unlink(self, h: InHeader, b: memoryview) -> Unlink:
+        return Unlink(h, _name(b, h))
+
+    def parse_rmdir(self, h: InHeader, b: memoryview) -> Rmdir:
+        return Rmdir(h, _name(b, h))
+
+    def parse_statfs(self, h: InHeader, b: memoryview) -> Statfs:
+        return Statfs(h)
+
+    def parse_listxattr(self, h: InHeader, b: memoryview) -> Listxattr:
+        return Listxattr(h, self._bounded(_fixed(b, abi.GETXATTR_IN, h)[0], abi.XATTR_SIZE_MAX, "size", h))
+
+    def parse_removexattr(self, h: InHeader, b: memoryview) -> Removexattr:
+        return Removexattr(h, _name(b, h))
+
+    def parse_access(self, h: InHeader, b: memoryview) -> Access:
+        return Access(h, _fixed(b, abi.ACCESS_IN, h)[0])
+
+    def parse_interrupt(self, h: InHeader, b: memoryview) -> Interrupt:
+        return Interrupt(h, _fixed(b, abi.INTERRUPT_IN, h)[0])
+
+    def parse_syncfs(self, h: InHeader, b: memoryview) -> Syncfs:
+        return Syncfs(h)
+
+    def parse_init(self, h: InHeader, b: memoryview) -> Init:
         major, minor, readahead, flags = _fixed(b, abi.INIT_IN_MIN, h)
         flags2 = 0
         if flags & abi.InitFlag.INIT_EXT and len(b) >= abi.INIT_IN.size:
             flags2 = abi.INIT_IN.unpack_from(b)[4]
         return Init(h, major, minor, readahead, flags | flags2 << 32)
 
-    def _forget(self, h: InHeader, b: memoryview) -> Forget:
+    def parse_forget(self, h: InHeader, b: memoryview) -> Forget:
         return Forget(h, ((h.nodeid, _fixed(b, abi.FORGET_IN, h)[0]),))
 
-    def _batch_forget(self, h: InHeader, b: memoryview) -> Forget:
+    def parse_batch_forget(self, h: InHeader, b: memoryview) -> Forget:
         count = _fixed(b, abi.BATCH_FORGET_IN, h)[0]
         need = abi.BATCH_FORGET_IN.size + count * abi.FORGET_ONE.size
         if len(b) < need:
@@ -521,11 +544,11 @@ class Parser:
         items = tuple(abi.FORGET_ONE.iter_unpack(b[abi.BATCH_FORGET_IN.size : need]))
         return Forget(h, items)
 
-    def _getattr(self, h: InHeader, b: memoryview) -> Getattr:
+    def parse_getattr(self, h: InHeader, b: memoryview) -> Getattr:
         flags, _, fh = _fixed(b, abi.GETATTR_IN, h)
         return Getattr(h, fh if flags & abi.GETATTR_FH else None)
 
-    def _setattr(self, h: InHeader, b: memoryview) -> Setattr:
+    def parse_setattr(self, h: InHeader, b: memoryview) -> Setattr:
         (valid, _, fh, size, owner, atime, mtime, ctime, ans, mns, cns, mode, _, uid, gid, _) = _fixed(
             b, abi.SETATTR_IN, h
         )
@@ -534,66 +557,60 @@ class Parser:
             atime, mtime, ctime, ans, mns, cns, mode, uid, gid,
         )
 
-    def _symlink(self, h: InHeader, b: memoryview) -> Symlink:
+    def parse_symlink(self, h: InHeader, b: memoryview) -> Symlink:
         name, target = _names(b, 2, h)
         if not name or not target:
             raise ProtocolError("SYMLINK: empty name or target", h)
         return Symlink(h, name, target)
 
-    def _mknod(self, h: InHeader, b: memoryview) -> Mknod:
+    def parse_mknod(self, h: InHeader, b: memoryview) -> Mknod:
         mode, rdev, umask, _ = _fixed(b, abi.MKNOD_IN, h)
         return Mknod(h, mode, rdev, umask, _name(b[abi.MKNOD_IN.size :], h))
 
-    def _mkdir(self, h: InHeader, b: memoryview) -> Mkdir:
+    def parse_mkdir(self, h: InHeader, b: memoryview) -> Mkdir:
         mode, umask = _fixed(b, abi.MKDIR_IN, h)
         return Mkdir(h, mode, umask, _name(b[abi.MKDIR_IN.size :], h))
 
-    def _rename(self, h: InHeader, b: memoryview) -> Rename:
+    def parse_rename(self, h: InHeader, b: memoryview) -> Rename:
         (newdir,) = _fixed(b, abi.RENAME_IN, h)
-        return self._rename_names(h, newdir, 0, b[abi.RENAME_IN.size :])
+        return _rename_names(h, newdir, 0, b[abi.RENAME_IN.size :])
 
-    def _rename2(self, h: InHeader, b: memoryview) -> Rename:
+    def parse_rename2(self, h: InHeader, b: memoryview) -> Rename:
         newdir, flags, _ = _fixed(b, abi.RENAME2_IN, h)
-        return self._rename_names(h, newdir, flags, b[abi.RENAME2_IN.size :])
+        return _rename_names(h, newdir, flags, b[abi.RENAME2_IN.size :])
 
-    def _rename_names(self, h: InHeader, newdir: int, flags: int, b: memoryview) -> Rename:
-        name, newname = _names(b, 2, h)
-        if not name or not newname:
-            raise ProtocolError("RENAME: empty name", h)
-        return Rename(h, newdir, flags, name, newname)
-
-    def _link(self, h: InHeader, b: memoryview) -> Link:
+    def parse_link(self, h: InHeader, b: memoryview) -> Link:
         (old,) = _fixed(b, abi.LINK_IN, h)
         return Link(h, old, _name(b[abi.LINK_IN.size :], h))
 
-    def _open(self, h: InHeader, b: memoryview) -> Open:
+    def parse_open(self, h: InHeader, b: memoryview) -> Open:
         flags, open_flags = _fixed(b, abi.OPEN_IN, h)
         return Open(h, flags, open_flags)
 
-    def _create(self, h: InHeader, b: memoryview) -> Create:
+    def parse_create(self, h: InHeader, b: memoryview) -> Create:
         flags, mode, umask, open_flags = _fixed(b, abi.CREATE_IN, h)
         return Create(h, flags, mode, umask, open_flags, _name(b[abi.CREATE_IN.size :], h))
 
-    def _read(self, h: InHeader, b: memoryview) -> Read:
+    def parse_read(self, h: InHeader, b: memoryview) -> Read:
         fh, offset, size, read_flags, owner, flags, _ = _fixed(b, abi.READ_IN, h)
-        return Read(h, fh, offset, size, read_flags, owner, flags)
+        return Read(h, fh, offset, self._bounded(size, self.max_reply, "size", h), read_flags, owner, flags)
 
-    def _write(self, h: InHeader, b: memoryview) -> Write:
+    def parse_write(self, h: InHeader, b: memoryview) -> Write:
         fh, offset, size, write_flags, owner, flags, _ = _fixed(b, abi.WRITE_IN, h)
         data = b[abi.WRITE_IN.size :]
         if len(data) != size:
             raise ProtocolError(f"WRITE: size field says {size} bytes, {len(data)} follow", h)
         return Write(h, fh, offset, write_flags, owner, flags, data)
 
-    def _release(self, h: InHeader, b: memoryview) -> Release:
+    def parse_release(self, h: InHeader, b: memoryview) -> Release:
         fh, flags, release_flags, owner = _fixed(b, abi.RELEASE_IN, h)
         return Release(h, fh, flags, release_flags, owner)
 
-    def _fsync(self, h: InHeader, b: memoryview) -> Fsync:
+    def parse_fsync(self, h: InHeader, b: memoryview) -> Fsync:
         fh, fsync_flags, _ = _fixed(b, abi.FSYNC_IN, h)
         return Fsync(h, fh, bool(fsync_flags & abi.FSYNC_FDATASYNC))
 
-    def _setxattr(self, h: InHeader, b: memoryview) -> Setxattr:
+    def parse_setxattr(self, h: InHeader, b: memoryview) -> Setxattr:
         if self.setxattr_ext:
             size, flags, sx_flags, _ = _fixed(b, abi.SETXATTR_IN, h)
             rest = b[abi.SETXATTR_IN.size :]
@@ -601,57 +618,59 @@ class Parser:
             size, flags = _fixed(b, abi.SETXATTR_IN_COMPAT, h)
             sx_flags, rest = 0, b[abi.SETXATTR_IN_COMPAT.size :]
         name = _name(rest, h)
+        self._bounded(size, abi.XATTR_SIZE_MAX, "value size", h)
         value = bytes(rest[len(name) + 1 :])
         if len(value) != size:
             raise ProtocolError(f"SETXATTR: size field says {size} bytes, {len(value)} follow", h)
         return Setxattr(h, flags, sx_flags, name, value)
 
-    def _getxattr(self, h: InHeader, b: memoryview) -> Getxattr:
+    def parse_getxattr(self, h: InHeader, b: memoryview) -> Getxattr:
         size, _ = _fixed(b, abi.GETXATTR_IN, h)
-        return Getxattr(h, size, _name(b[abi.GETXATTR_IN.size :], h))
+        return Getxattr(h, self._bounded(size, abi.XATTR_SIZE_MAX, "size", h), _name(b[abi.GETXATTR_IN.size :], h))
 
-    def _flush(self, h: InHeader, b: memoryview) -> Flush:
+    def parse_flush(self, h: InHeader, b: memoryview) -> Flush:
         fh, _, _, owner = _fixed(b, abi.FLUSH_IN, h)
         return Flush(h, fh, owner)
 
-    def _lock(self, h: InHeader, b: memoryview) -> Lock:
+    def parse_lock(self, h: InHeader, b: memoryview) -> Lock:
         fh, owner, start, end, typ, pid, lk_flags, _ = _fixed(b, abi.LK_IN, h)
         return Lock(h, fh, owner, start, end, typ, pid, lk_flags)
 
-    def _bmap(self, h: InHeader, b: memoryview) -> Bmap:
+    def parse_bmap(self, h: InHeader, b: memoryview) -> Bmap:
         block, blocksize, _ = _fixed(b, abi.BMAP_IN, h)
         return Bmap(h, block, blocksize)
 
-    def _ioctl(self, h: InHeader, b: memoryview) -> Ioctl:
+    def parse_ioctl(self, h: InHeader, b: memoryview) -> Ioctl:
         fh, flags, cmd, arg, in_size, out_size = _fixed(b, abi.IOCTL_IN, h)
+        self._bounded(out_size, self.max_reply, "out_size", h)
         data = b[abi.IOCTL_IN.size :]
         if len(data) != in_size:
             raise ProtocolError(f"IOCTL: in_size says {in_size} bytes, {len(data)} follow", h)
         return Ioctl(h, fh, flags, cmd, arg, out_size, bytes(data))
 
-    def _poll(self, h: InHeader, b: memoryview) -> Poll:
+    def parse_poll(self, h: InHeader, b: memoryview) -> Poll:
         fh, kh, flags, events = _fixed(b, abi.POLL_IN, h)
         return Poll(h, fh, kh, flags, events)
 
-    def _notify_reply(self, h: InHeader, b: memoryview) -> NotifyReply:
+    def parse_notify_reply(self, h: InHeader, b: memoryview) -> NotifyReply:
         _, offset, size, _, _, _ = _fixed(b, abi.NOTIFY_RETRIEVE_IN, h)
         data = b[abi.NOTIFY_RETRIEVE_IN.size :]
         if len(data) != size:
             raise ProtocolError(f"NOTIFY_REPLY: size says {size} bytes, {len(data)} follow", h)
         return NotifyReply(h, offset, bytes(data))
 
-    def _fallocate(self, h: InHeader, b: memoryview) -> Fallocate:
+    def parse_fallocate(self, h: InHeader, b: memoryview) -> Fallocate:
         fh, offset, length, mode, _ = _fixed(b, abi.FALLOCATE_IN, h)
         return Fallocate(h, fh, offset, length, mode)
 
-    def _lseek(self, h: InHeader, b: memoryview) -> Lseek:
+    def parse_lseek(self, h: InHeader, b: memoryview) -> Lseek:
         fh, offset, whence, _ = _fixed(b, abi.LSEEK_IN, h)
         return Lseek(h, fh, offset, whence)
 
-    def _copy_file_range(self, h: InHeader, b: memoryview) -> CopyFileRange:
+    def parse_copy_file_range(self, h: InHeader, b: memoryview) -> CopyFileRange:
         return CopyFileRange(h, *_fixed(b, abi.COPY_FILE_RANGE_IN, h))
 
-    def _statx(self, h: InHeader, b: memoryview) -> Statx:
+    def parse_statx(self, h: InHeader, b: memoryview) -> Statx:
         flags, _, fh, sx_flags, sx_mask = _fixed(b, abi.STATX_IN, h)
         return Statx(h, fh if flags & abi.GETATTR_FH else None, sx_flags, sx_mask)
 
@@ -824,7 +843,7 @@ def dirent_size(name: bytes, plus: bool) -> int:
     return (base + len(name) + 7) & ~7
 
 
-def pack_dirent(buf: bytearray, pos: int, ino: int, next_off: int, dtype: int, name: bytes) -> int:
+def pack_dirent(buf: bytearray | memoryview, pos: int, ino: int, next_off: int, dtype: int, name: bytes) -> int:
     """Write one READDIR record at ``pos``; return the position after it (8-aligned)."""
     abi.DIRENT.pack_into(buf, pos, ino, next_off, len(name), dtype)
     start = pos + abi.DIRENT.size
@@ -836,7 +855,7 @@ def pack_dirent(buf: bytearray, pos: int, ino: int, next_off: int, dtype: int, n
 
 
 def pack_direntplus(
-    buf: bytearray, pos: int, entry_out: bytes, ino: int, next_off: int, dtype: int, name: bytes
+    buf: bytearray | memoryview, pos: int, entry_out: bytes, ino: int, next_off: int, dtype: int, name: bytes
 ) -> int:
     """Write one READDIRPLUS record (entry then dirent then name) at ``pos``."""
     buf[pos : pos + abi.ENTRY_OUT.size] = entry_out
@@ -880,6 +899,10 @@ def notify_inval_entry(parent: int, name: bytes, expire_only: bool = False) -> b
 def notify_delete(parent: int, child: int, name: bytes) -> bytes:
     body = abi.NOTIFY_DELETE_OUT.pack(parent, child, len(name), 0) + name + b"\0"
     return encode_notify(abi.NotifyCode.DELETE, body)
+
+
+def notify_inc_epoch() -> bytes:
+    return encode_notify(abi.NotifyCode.INC_EPOCH, b"")
 
 
 def notify_store(nodeid: int, offset: int, data: bytes) -> bytes:

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .control import ControlServer
+from .control import ControlServer, status_document
 from .mount import MountError, MountOptions
+from .negotiate import PASSTHROUGH_MODES
 from .ops import Operations
-from .session import Session, SessionError
+from .session import DEFAULT_THREADS, Session, SessionError
 
 
 def describe(e: BaseException) -> str:
@@ -70,9 +71,9 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                         help="comma-separated mount options: ro, allow_other, default_permissions, fsname=NAME, "
                              "nosuid, nodev, noexec, noatime, max_read=BYTES (repeatable)")
-    parser.add_argument("--threads", type=thread_count, default=4, metavar="N",
-                        help="worker threads, each with its own /dev/fuse queue (default 4)")
-    parser.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS, metavar="N",
+                        help=f"worker threads, each with its own /dev/fuse queue (default {DEFAULT_THREADS})")
+    parser.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                         help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
                              "on (fail if it cannot be had) or off (serve reads and writes from Python)")
     parser.add_argument("--debug", action="store_true", help="trace every request and reply to standard error")
@@ -132,7 +133,7 @@ def serve(session: Session, ready_fd: int | None, prog: str, *,
     control = None
     if session.connection_id is not None:
         try:
-            control = ControlServer(session, session.connection_id)
+            control = ControlServer({"status": lambda: status_document(session)}, session.connection_id)
         except OSError as e:
             logging.getLogger("fusepass").warning("no status socket: %s", e)
 

@@ -1,5 +1,6 @@
-"""ctypes wrappers for the Linux calls Python's ``os`` module lacks (renameat2, file handles,
-fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on O_PATH descriptors, statx)."""
+"""ctypes wrappers for the Linux calls Python's ``os`` module lacks: mount and umount2, ioctls that
+return a value, renameat2, file handles, fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on
+O_PATH descriptors, statx, fstatfs. Every ctypes handle of the package lives here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import ctypes
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -21,6 +26,29 @@ def _check(ret: int, what: str, path: str | bytes | None = None) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}", path)
     return ret
+
+
+def last_errno() -> int:
+    """The errno of the last failed call made through this module."""
+    return ctypes.get_errno()
+
+
+def mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes | None) -> int:
+    """mount(2); returns 0 or the errno (callers word the error themselves)."""
+    return 0 if _libc.mount(source, target, fstype, flags, data) == 0 else ctypes.get_errno()
+
+
+def umount2(target: bytes, flags: int) -> int:
+    """umount2(2); returns 0 or the errno."""
+    return 0 if _libc.umount2(target, flags) == 0 else ctypes.get_errno()
+
+
+def ioctl_value(fd: int, request: int, arg: bytes) -> int:
+    """ioctl(2) with ``arg`` copied into a buffer, returning the call's value (``fcntl.ioctl`` drops it).
+    Returns -errno on failure."""
+    buf = ctypes.create_string_buffer(arg, len(arg))
+    ret = _libc.ioctl(fd, request, ctypes.addressof(buf))
+    return ret if ret >= 0 else -ctypes.get_errno()
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
@@ -95,3 +123,15 @@ def fchownat(dirfd: int, name: bytes, uid: int, gid: int, flags: int) -> None:
     (works on O_PATH descriptors and on symlinks)."""
     _check(_libc.fchownat(dirfd, name, ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF), flags),
            "fchownat", name)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def fs_magic(fd: int) -> int:
+    """The f_type (filesystem magic number) of the filesystem holding ``fd``; 0 if unknown."""
+    buf = _Statfs()
+    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        return 0
+    return int(buf.f_type) & 0xFFFFFFFF

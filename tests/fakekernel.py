@@ -1,26 +1,26 @@
-"""A stand-in for the kernel end of /dev/fuse: the session's real worker loop, fed over a socket.
+"""A stand-in for the kernel: request bytes into a ``Dispatcher``, reply bytes out.
 
-A SOCK_SEQPACKET socketpair keeps message boundaries as /dev/fuse does (one read, one
-request; one write, one reply), so hostile or malformed requests can be thrown at the
-unmodified worker without mounting anything.
+No thread, socket, descriptor or mount: each message goes through ``Dispatcher.handle``
+exactly as a worker would pass it, and the reply parts it returns are read back as the
+kernel would read them. Used by the hostile-input tests, the negotiation tests and the
+fuzzers.
 """
 
 from __future__ import annotations
 
-import select
-import socket
 import struct
-import threading
 from dataclasses import dataclass
+from typing import Any
 
 from fusepass import abi
+from fusepass.dispatch import Dispatcher, Outcome, Scratch
 from fusepass.ops import Operations
-from fusepass.session import Session
-from fusepass.stats import WorkerStats
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
-SENTINEL_UNIQUE = 0xFFFF_FFFF_0000  # even, and far above what the tests use
+ALL_6_18 = 0x5FD73FFFFFB  # the INIT flags Linux 6.18.44 offered
+#: The largest reply the kernel accepts: a READ of max_pages pages (or a WRITE-sized one), plus headers.
+MAX_REPLY = abi.MAX_WRITE + abi.PAGE_SIZE
 
 
 @dataclass
@@ -29,32 +29,28 @@ class Reply:
     error: int
     unique: int
     payload: bytes
-    received: int  # bytes actually received
+    received: int  # bytes actually in the reply
+
+
+def init_body(minor: int = abi.KERNEL_MINOR_VERSION, flags: int = ALL_6_18, readahead: int = 131072,
+              major: int = abi.KERNEL_VERSION) -> bytes:
+    return struct.pack("<IIIII44x", major, minor, readahead, flags & 0xFFFFFFFF, flags >> 32)
 
 
 class FakeKernel:
-    """Run ``fs`` behind one session worker; ``send`` requests and collect the replies."""
+    """Drive a Dispatcher serving ``fs`` with bytes. ``outcomes`` keeps every Outcome returned."""
 
-    def __init__(self, fs: Operations, timeout: float = 10.0) -> None:
-        self.session = Session(fs, "/nonexistent", passthrough="off")
-        self.kernel, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._server = server
-        self.timeout = timeout
-        self.stats = WorkerStats()
-        self.worker = threading.Thread(target=self.session._worker, args=(server.fileno(), self.stats), daemon=True)
-        self.worker.start()
+    def __init__(self, fs: Operations, **dispatcher_kw: Any) -> None:
+        dispatcher_kw.setdefault("passthrough", "off")
+        self.notifications: list[bytes] = []
+        dispatcher_kw.setdefault("send_notification", self.notifications.append)
+        self.dispatcher = Dispatcher(fs, **dispatcher_kw)
+        self.scratch = Scratch()
         self.next_unique = 2
 
-    def close(self) -> None:
-        self.kernel.close()  # the worker reads EOF and ends
-        self.worker.join(self.timeout)
-        self._server.close()
-
-    def __enter__(self) -> FakeKernel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @property
+    def stats(self) -> Any:
+        return self.scratch.stats
 
     def message(self, opcode: int, body: bytes = b"", nodeid: int = 1, unique: int | None = None,
                 uid: int = 0, gid: int = 0, pid: int = 1) -> tuple[int, bytes]:
@@ -63,40 +59,31 @@ class FakeKernel:
             self.next_unique += 2
         return unique, IN_HEADER.pack(IN_HEADER.size + len(body), opcode, unique, nodeid, uid, gid, pid, 0, 0) + body
 
-    def send_raw(self, data: bytes) -> None:
-        self.kernel.send(data)
+    def send_raw(self, data: bytes) -> Outcome | None:
+        """One message as the device would deliver it; the dispatcher's outcome as it is."""
+        return self.dispatcher.handle(memoryview(bytearray(data)), self.scratch)
 
-    def receive(self) -> Reply:
-        ready, _, _ = select.select([self.kernel], [], [], self.timeout)
-        if not ready:
-            raise TimeoutError("the worker did not answer")
-        data = self.kernel.recv(1 << 21)
-        if len(data) < OUT_HEADER.size:
-            raise AssertionError(f"reply of {len(data)} bytes is shorter than the out-header")
-        length, error, unique = OUT_HEADER.unpack_from(data)
-        return Reply(length, error, unique, data[OUT_HEADER.size :], len(data))
+    def send(self, data: bytes) -> list[Reply]:
+        """One message; the replies it produced (none or one), read back as the kernel would."""
+        outcome = self.send_raw(data)
+        if outcome is None:
+            return []
+        reply = b"".join(bytes(part) for part in outcome.reply)
+        if len(reply) < OUT_HEADER.size:
+            raise AssertionError(f"reply of {len(reply)} bytes is shorter than the out-header")
+        length, error, unique = OUT_HEADER.unpack_from(reply)
+        return [Reply(length, error, unique, reply[OUT_HEADER.size :], len(reply))]
 
     def call(self, opcode: int, body: bytes = b"", nodeid: int = 1, **kw: int) -> Reply:
         unique, msg = self.message(opcode, body, nodeid, **kw)
-        self.send_raw(msg)
-        reply = self.receive()
+        (reply,) = self.send(msg)
         assert reply.unique == unique, (reply.unique, unique)
         return reply
 
-    def init(self) -> Reply:
-        flags = int(abi.InitFlag.INIT_EXT | abi.InitFlag.BIG_WRITES | abi.InitFlag.MAX_PAGES)
-        return self.call(abi.Opcode.INIT, struct.pack("<IIIII44x", 7, 45, 131072, flags & 0xFFFFFFFF, flags >> 32),
-                         nodeid=0)
+    def init(self, **kw: int) -> Reply:
+        return self.call(abi.Opcode.INIT, init_body(**kw), nodeid=0)
 
-    def replies_until_sentinel(self) -> list[Reply]:
-        """Send a GETATTR of the root and return every reply that came before its answer:
-        with one worker, exactly the replies to what was sent before it."""
-        _, msg = self.message(abi.Opcode.GETATTR, struct.pack("<IIQ", 0, 0, 0), unique=SENTINEL_UNIQUE)
-        self.send_raw(msg)
-        before: list[Reply] = []
-        while True:
-            reply = self.receive()
-            if reply.unique == SENTINEL_UNIQUE:
-                assert reply.error == 0 and len(reply.payload) == abi.ATTR_OUT.size, "the worker stopped serving"
-                return before
-            before.append(reply)
+    def still_serving(self) -> bool:
+        """Whether a GETATTR of the root is still answered as it should be."""
+        reply = self.call(abi.Opcode.GETATTR, struct.pack("<IIQ", 0, 0, 0))
+        return reply.error == 0 and len(reply.payload) == abi.ATTR_OUT.size

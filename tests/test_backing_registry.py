@@ -1,6 +1,6 @@
-"""BackingRegistry without a mount: the counting and stickiness rules, with the ioctls faked.
+"""BackingRegistry without a mount: the counting and stickiness rules, given a fake device.
 
-The kernel's rules it keeps (KERNEL.md 9.4, 9.6): one backing id per inode shared by all its
+The kernel's rules it keeps: one backing id per inode shared by all its
 concurrent opens, closed only at the last release; an inode that cannot be passed through
 is served for every open, because mixing modes on one inode gives EIO.
 """
@@ -12,14 +12,16 @@ import threading
 
 import pytest
 
-from fusepass import backing
-from fusepass.backing import BackingError, BackingRegistry
+from fusepass.backing import BackingRegistry
+from fusepass.device import BackingError, BackingId
 
 FAKE_DEVFD = 987654  # never a real descriptor: the fakes below must be the only callers
 
 
-class FakeIoctls:
+class FakeDevice:
     """Records backing_open/backing_close calls; hands out increasing ids like the kernel."""
+
+    fd = FAKE_DEVFD
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -29,17 +31,17 @@ class FakeIoctls:
         self.live: set[int] = set()
         self.fail_with: int | None = None
 
-    def backing_open(self, devfd: int, fd: int, flags: int = 0, padding: int = 0) -> int:
+    def backing_open(self, fd: int) -> BackingId:
         with self.lock:
-            self.opened.append((devfd, fd))
+            self.opened.append((self.fd, fd))
             if self.fail_with is not None:
                 raise BackingError(self.fail_with, f"FUSE_DEV_IOC_BACKING_OPEN of fd {fd} failed: fake")
             backing_id = self.next_id
             self.next_id += 1
             self.live.add(backing_id)
-            return backing_id
+            return BackingId(self, backing_id)
 
-    def backing_close(self, devfd: int, backing_id: int) -> None:
+    def backing_close(self, backing_id: int) -> None:
         with self.lock:
             self.closed.append(backing_id)
             if backing_id not in self.live:
@@ -47,25 +49,30 @@ class FakeIoctls:
             self.live.remove(backing_id)
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeIoctls:
-    f = FakeIoctls()
-    monkeypatch.setattr(backing, "backing_open", f.backing_open)
-    monkeypatch.setattr(backing, "backing_close", f.backing_close)
-    return f
+class RefusingDevice:
+    """A device on which any backing ioctl is a test failure."""
+
+    def backing_open(self, fd: int) -> BackingId:
+        raise AssertionError(f"an ioctl was called: backing_open({fd})")
+
+    def backing_close(self, backing_id: int) -> None:
+        raise AssertionError(f"an ioctl was called: backing_close({backing_id})")
 
 
 @pytest.fixture
-def forbidden_ioctls(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kw: object) -> None:
-        raise AssertionError(f"an ioctl was called: {args}")
-
-    monkeypatch.setattr(backing, "backing_open", refuse)
-    monkeypatch.setattr(backing, "backing_close", refuse)
+def fake() -> FakeDevice:
+    return FakeDevice()
 
 
-def test_unavailable_registry_serves_with_its_reason_and_never_calls_the_ioctl(forbidden_ioctls: None) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, False, "the server lacks CAP_SYS_ADMIN")
+@pytest.fixture
+def forbidden_ioctls() -> RefusingDevice:
+    return RefusingDevice()
+
+
+def test_unavailable_registry_serves_with_its_reason_and_never_calls_the_ioctl(
+    forbidden_ioctls: RefusingDevice,
+) -> None:
+    reg = BackingRegistry(forbidden_ioctls, "the server lacks CAP_SYS_ADMIN")
     assert reg.acquire(5, fd=3) == (0, "the server lacks CAP_SYS_ADMIN")
     assert reg.acquire(5, fd=3) == (0, "the server lacks CAP_SYS_ADMIN")
     assert reg.acquire(6, fd=None) == (0, "the server lacks CAP_SYS_ADMIN")
@@ -77,14 +84,14 @@ def test_unavailable_registry_serves_with_its_reason_and_never_calls_the_ioctl(f
     assert reg.registered == 0
 
 
-def test_unavailable_registry_without_a_reason_still_gives_one(forbidden_ioctls: None) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, False)
+def test_unavailable_registry_without_a_reason_still_gives_one(forbidden_ioctls: RefusingDevice) -> None:
+    reg = BackingRegistry(forbidden_ioctls)
     backing_id, reason = reg.acquire(5, fd=3)
     assert backing_id == 0 and reason
 
 
-def test_open_without_a_backing_fd_is_served_and_registers_nothing(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_open_without_a_backing_fd_is_served_and_registers_nothing(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     backing_id, reason = reg.acquire(5, fd=None)
     assert backing_id == 0 and reason is not None and "no backing file" in reason
     assert fake.opened == []
@@ -92,8 +99,8 @@ def test_open_without_a_backing_fd_is_served_and_registers_nothing(fake: FakeIoc
     assert reg.acquire(5, fd=3) == (1, None), "that reason is not sticky: a later open with a file passes through"
 
 
-def test_concurrent_opens_of_one_inode_share_one_id(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_concurrent_opens_of_one_inode_share_one_id(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     ids = [reg.acquire(7, fd=10 + i) for i in range(3)]
     assert ids == [(1, None)] * 3
     assert fake.opened == [(FAKE_DEVFD, 10)], "only the first open registers a backing file"
@@ -101,20 +108,20 @@ def test_concurrent_opens_of_one_inode_share_one_id(fake: FakeIoctls) -> None:
     assert reg.passthrough_opens == 3
 
 
-def test_different_inodes_get_different_ids(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_different_inodes_get_different_ids(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     assert reg.acquire(7, fd=10) == (1, None)
     assert reg.acquire(8, fd=11) == (2, None)
     assert reg.registered == 2
 
 
-def test_id_is_closed_exactly_once_at_the_last_release(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_id_is_closed_exactly_once_at_the_last_release(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     for fd in (10, 11, 12):
         reg.acquire(7, fd=fd)
     reg.release(7)
     reg.release(7)
-    assert fake.closed == [], "closing while opens remain would lock the inode (KERNEL.md 9.6)"
+    assert fake.closed == [], "closing while opens remain would lock the inode"
     assert reg.registered == 1
     reg.release(7)
     assert fake.closed == [1]
@@ -123,16 +130,16 @@ def test_id_is_closed_exactly_once_at_the_last_release(fake: FakeIoctls) -> None
     assert fake.closed == [1]
 
 
-def test_inode_is_registered_again_after_its_last_release(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_inode_is_registered_again_after_its_last_release(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     assert reg.acquire(7, fd=10) == (1, None)
     reg.release(7)
     assert reg.acquire(7, fd=11) == (2, None), "a closed id is never reused: a fresh one is registered"
     assert fake.opened == [(FAKE_DEVFD, 10), (FAKE_DEVFD, 11)]
 
 
-def test_failed_registration_serves_every_open_of_the_inode_with_the_reason(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_failed_registration_serves_every_open_of_the_inode_with_the_reason(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     fake.fail_with = errno.ELOOP
     backing_id, reason = reg.acquire(7, fd=10)
     assert backing_id == 0
@@ -149,8 +156,8 @@ def test_failed_registration_serves_every_open_of_the_inode_with_the_reason(fake
     assert fake.closed == []
 
 
-def test_failed_registration_of_one_inode_does_not_affect_another(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_failed_registration_of_one_inode_does_not_affect_another(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     fake.fail_with = errno.ELOOP
     reg.acquire(7, fd=10)
     fake.fail_with = None
@@ -158,8 +165,8 @@ def test_failed_registration_of_one_inode_does_not_affect_another(fake: FakeIoct
     assert reg.served_reason(8) is None
 
 
-def test_forget_drops_a_sticky_reason_once_nothing_is_open(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_forget_drops_a_sticky_reason_once_nothing_is_open(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     fake.fail_with = errno.ELOOP
     reg.acquire(7, fd=10)
     fake.fail_with = None
@@ -171,8 +178,8 @@ def test_forget_drops_a_sticky_reason_once_nothing_is_open(fake: FakeIoctls) -> 
     assert reg.acquire(7, fd=11) == (1, None)
 
 
-def test_open_of_an_inode_already_open_served_stays_served_even_with_a_backing_fd(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_open_of_an_inode_already_open_served_stays_served_even_with_a_backing_fd(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     first = reg.acquire(7, fd=None)  # served: the filesystem gave no backing file
     assert first[0] == 0
     backing_id, reason = reg.acquire(7, fd=10)
@@ -183,8 +190,8 @@ def test_open_of_an_inode_already_open_served_stays_served_even_with_a_backing_f
     assert reg.acquire(7, fd=10) == (1, None), "once all are closed, passthrough is possible again"
 
 
-def test_close_all_closes_every_registered_id(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_close_all_closes_every_registered_id(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     reg.acquire(7, fd=10)
     reg.acquire(7, fd=11)
     reg.acquire(8, fd=12)
@@ -195,16 +202,16 @@ def test_close_all_closes_every_registered_id(fake: FakeIoctls) -> None:
     assert sorted(fake.closed) == [1, 2]
 
 
-def test_release_survives_a_failing_close(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_release_survives_a_failing_close(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     reg.acquire(7, fd=10)
     fake.live.clear()  # the connection went away with its ids: BACKING_CLOSE says ENOENT
     reg.release(7)
     assert reg.registered == 0
 
 
-def test_acquire_and_release_are_thread_safe(fake: FakeIoctls) -> None:
-    reg = BackingRegistry(FAKE_DEVFD, True)
+def test_acquire_and_release_are_thread_safe(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
     threads, rounds = 8, 1000
     start = threading.Barrier(threads)
     seen: list[set[int]] = [set() for _ in range(threads)]
@@ -241,21 +248,24 @@ def test_acquire_and_release_are_thread_safe(fake: FakeIoctls) -> None:
     assert len(fake.closed) == len(set(fake.closed)) == len(fake.opened), "each id closed exactly once"
 
 
-def test_session_forget_drops_the_sticky_reason_of_a_forgotten_inode(fake: FakeIoctls) -> None:
-    """FORGET means the kernel evicted the inode (no open file left): the session must drop
+def test_a_forget_drops_the_sticky_reason_of_the_forgotten_inode(fake: FakeDevice) -> None:
+    """FORGET means the kernel evicted the inode (no open file left): the dispatcher must drop
     the registry's memory of it too, or a reused node id would inherit a stale reason."""
-    from fusepass import abi, protocol
-    from fusepass.ops import Context, Operations
-    from fusepass.session import Session
+    import struct
 
-    s = Session(Operations(), "/nonexistent")
-    s.registry = BackingRegistry(FAKE_DEVFD, True)
+    from fakekernel import FakeKernel
+
+    from fusepass import abi
+    from fusepass.ops import Operations
+
+    reg = BackingRegistry(fake, None)
+    k = FakeKernel(Operations(), registry=reg)
     fake.fail_with = errno.ELOOP
-    s.registry.acquire(7, fd=10)
-    s.registry.acquire(8, fd=11)
-    s.registry.release(7)
-    s.registry.release(8)
-    header = protocol.InHeader(56, abi.Opcode.BATCH_FORGET, 0, 0, 0, 0, 0, 0)
-    s._op_forget(protocol.Forget(header, ((7, 1),)), Context(0, 0, 0, 0, memoryview(bytearray(0))), bytearray())
-    assert s.registry.served_reason(7) is None
-    assert s.registry.served_reason(8) is not None, "only the forgotten inode"
+    reg.acquire(7, fd=10)
+    reg.acquire(8, fd=11)
+    reg.release(7)
+    reg.release(8)
+    _, msg = k.message(abi.Opcode.BATCH_FORGET, struct.pack("<II", 1, 0) + struct.pack("<QQ", 7, 1), nodeid=0)
+    assert k.send(msg) == []
+    assert reg.served_reason(7) is None
+    assert reg.served_reason(8) is not None, "only the forgotten inode"

@@ -34,7 +34,7 @@ def test_retrieve_returns_what_the_page_cache_holds(session: Session) -> None:
     try:
         assert os.pread(fd, 8192, 0) == b"a" * 8192  # now cached
         ino = os.fstat(fd).st_ino  # memfs uses the node id as st_ino
-        assert session.retrieve(ino, 0, 8192) == b"a" * 8192
+        assert session.notifier.retrieve(ino, 0, 8192) == b"a" * 8192
     finally:
         os.close(fd)
 
@@ -46,7 +46,7 @@ def test_store_puts_data_the_reader_then_sees_without_a_read(session: Session) -
     try:
         ino = os.fstat(fd).st_ino
         reads_before = session.op_stats().get("READ")
-        session.store(ino, 0, b"b" * 4096)
+        session.notifier.store(ino, 0, b"b" * 4096)
         assert os.pread(fd, 4096, 0) == b"b" * 4096
         assert session.op_stats().get("READ") == reads_before
     finally:
@@ -55,5 +55,5 @@ def test_store_puts_data_the_reader_then_sees_without_a_read(session: Session) -
 
 def test_notifications_for_an_unknown_inode_fail_with_enoent(session: Session) -> None:
     with pytest.raises(OSError) as e:
-        session.invalidate_inode(987654)
+        session.notifier.invalidate_inode(987654)
     assert e.value.errno == 2

@@ -1,4 +1,4 @@
-"""Kernel passthrough on real mounts (KERNEL.md section 9).
+"""Kernel passthrough on real mounts.
 
 Data tests use the mirror in a child process and read its counters through the control
 socket: "zero READ/WRITE requests" means the kernel moved the bytes itself. The ioctl errno
@@ -29,7 +29,7 @@ from conftest import SERVERS, ServerProcess, mirror_argv, poll_until, server_scr
 
 from fusepass import Attr, Entry, MountOptions, Opened, Operations, Session, control
 from fusepass import mount as mountmod
-from fusepass.backing import BackingError, backing_close, backing_open
+from fusepass.device import BackingError, Device
 from fusepass.ops import ROOT_ID, Context
 
 MiB = 1 << 20
@@ -489,26 +489,27 @@ def expect(errno_: int, words: str, call: Callable[[], object]) -> BackingError:
 
 
 def test_backing_open_on_an_unmounted_device_is_eperm(regular_fd: int) -> None:
-    dev = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    dev = Device.open()
     try:
-        expect(errno.EPERM, "not mounted", lambda: backing_open(dev, regular_fd))
-        expect(errno.EPERM, "not mounted", lambda: backing_close(dev, 1))
+        expect(errno.EPERM, "not mounted", lambda: dev.backing_open(regular_fd))
+        expect(errno.EPERM, "not mounted", lambda: dev.backing_close(1))
     finally:
-        os.close(dev)
+        dev.close()
 
 
 def test_backing_open_without_negotiated_passthrough_is_eperm(inprocess, regular_fd: int) -> None:
     with inprocess("off", passthrough="off") as s:
         assert not s.registry.available
-        expect(errno.EPERM, "not negotiated", lambda: backing_open(s.registry.devfd, regular_fd))
-        expect(errno.EPERM, "not negotiated", lambda: backing_close(s.registry.devfd, 1))
+        expect(errno.EPERM, "not negotiated", lambda: s.device.backing_open(regular_fd))
+        expect(errno.EPERM, "not negotiated", lambda: s.device.backing_close(1))
 
 
 def test_backing_ioctls_without_cap_sys_admin_are_eperm(inprocess, regular_fd: int, children: Children) -> None:
     def without_cap(devfd: int) -> list[int | None]:
         nocap.drop_capability(nocap.CAP_SYS_ADMIN)
         out = []
-        for call in (lambda: backing_open(devfd, regular_fd), lambda: backing_close(devfd, 1)):
+        dev = Device(devfd)
+        for call in (lambda: dev.backing_open(regular_fd), lambda: dev.backing_close(1)):
             try:
                 call()
                 out.append(0)
@@ -519,32 +520,31 @@ def test_backing_ioctls_without_cap_sys_admin_are_eperm(inprocess, regular_fd: i
 
     with inprocess("nocap") as s:
         assert s.registry.available
-        children.spawn(without_cap, s.registry.devfd)
+        children.spawn(without_cap, s.device.fd)
         children.go()
         assert children.results() == [[errno.EPERM, errno.EPERM]]
-        backing_id = backing_open(s.registry.devfd, regular_fd)  # with the capability it works
-        backing_close(s.registry.devfd, backing_id)
+        s.device.backing_open(regular_fd).close()  # with the capability it works
 
 
 def test_backing_open_with_nonzero_flags_or_padding_is_einval(inprocess, regular_fd: int) -> None:
     with inprocess("m") as s:
-        dev = s.registry.devfd
-        expect(errno.EINVAL, "flags/padding", lambda: backing_open(dev, regular_fd, flags=1))
-        expect(errno.EINVAL, "flags/padding", lambda: backing_open(dev, regular_fd, padding=1))
-        expect(errno.EINVAL, "flags/padding", lambda: backing_open(dev, 9999, flags=1))  # checked before the fd
+        dev = s.device
+        expect(errno.EINVAL, "flags/padding", lambda: dev.backing_open(regular_fd, flags=1))
+        expect(errno.EINVAL, "flags/padding", lambda: dev.backing_open(regular_fd, padding=1))
+        expect(errno.EINVAL, "flags/padding", lambda: dev.backing_open(9999, flags=1))  # checked before the fd
 
 
 def test_backing_open_of_a_descriptor_not_open_is_ebadf(inprocess) -> None:
     with inprocess("m") as s:
         for fd in (9999, -1):
-            expect(errno.EBADF, "not open", lambda fd=fd: backing_open(s.registry.devfd, fd))
+            expect(errno.EBADF, "not open", lambda fd=fd: s.device.backing_open(fd))
 
 
 def test_backing_open_of_a_directory_is_eisdir(inprocess, tmp_path: Path) -> None:
     with inprocess("m") as s:
         d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            expect(errno.EISDIR, "directory", lambda: backing_open(s.registry.devfd, d))
+            expect(errno.EISDIR, "directory", lambda: s.device.backing_open(d))
         finally:
             os.close(d)
 
@@ -554,8 +554,8 @@ def test_backing_open_of_a_non_regular_file_is_einval(inprocess) -> None:
         r, w = os.pipe()
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            for fd in (r, w, null, s.registry.devfd):
-                expect(errno.EINVAL, "not a regular file", lambda fd=fd: backing_open(s.registry.devfd, fd))
+            for fd in (r, w, null, s.device.fd):
+                expect(errno.EINVAL, "not a regular file", lambda fd=fd: s.device.backing_open(fd))
         finally:
             for fd in (r, w, null):
                 os.close(fd)
@@ -566,32 +566,33 @@ def test_backing_open_of_a_file_on_the_same_mount_is_eloop(inprocess, depth: int
     with inprocess("m", max_stack_depth=depth) as s:
         with open(Path(s.mountpoint) / "f", "rb") as f:
             assert f.read() == OneFile.DATA
-            expect(errno.ELOOP, "max_stack_depth", lambda: backing_open(s.registry.devfd, f.fileno()))
+            expect(errno.ELOOP, "max_stack_depth", lambda: s.device.backing_open(f.fileno()))
 
 
 def test_backing_file_on_another_passthrough_mount_is_eloop_at_depth_1_and_accepted_at_depth_2(inprocess) -> None:
     with inprocess("lower") as lower, inprocess("upper1") as upper1, inprocess("upper2", max_stack_depth=2) as upper2:
         assert lower.registry.available and upper1.registry.available and upper2.registry.available
         with open(Path(lower.mountpoint) / "f", "rb") as f:
-            expect(errno.ELOOP, "max_stack_depth", lambda: backing_open(upper1.registry.devfd, f.fileno()))
-            backing_id = backing_open(upper2.registry.devfd, f.fileno())
-            assert backing_id >= 1
-            backing_close(upper2.registry.devfd, backing_id)
+            expect(errno.ELOOP, "max_stack_depth", lambda: upper1.device.backing_open(f.fileno()))
+            with upper2.device.backing_open(f.fileno()) as backing:
+                assert backing.id >= 1
 
 
 def test_backing_open_returns_increasing_ids_and_close_frees_them(inprocess, tmp_path: Path, regular_fd: int) -> None:
     path_fd = os.open(tmp_path / "backing", os.O_PATH)
     try:
         with inprocess("m") as s:
-            dev = s.registry.devfd
-            first = backing_open(dev, regular_fd)
-            second = backing_open(dev, path_fd)  # an O_PATH descriptor is accepted too
-            assert 1 <= first < second
-            backing_close(dev, first)
-            backing_close(dev, second)
+            dev = s.device
+            first = dev.backing_open(regular_fd)
+            second = dev.backing_open(path_fd)  # an O_PATH descriptor is accepted too
+            assert 1 <= first.id < second.id
+            first.close()
+            with second:
+                pass
+            first.close()  # a second close of the object is a no-op, never another id's close
             for gone in (first, second):
-                expect(errno.ENOENT, "no such backing id", lambda gone=gone: backing_close(dev, gone))
-            expect(errno.ENOENT, "no such backing id", lambda: backing_close(dev, 424242))
+                expect(errno.ENOENT, "no such backing id", lambda gone=gone: dev.backing_close(gone.id))
+            expect(errno.ENOENT, "no such backing id", lambda: dev.backing_close(424242))
     finally:
         os.close(path_fd)
 
@@ -599,5 +600,5 @@ def test_backing_open_returns_increasing_ids_and_close_frees_them(inprocess, tmp
 def test_backing_close_of_zero_or_negative_id_is_einval(inprocess) -> None:
     with inprocess("m") as s:
         for bad in (0, -1):
-            expect(errno.EINVAL, "positive", lambda bad=bad: backing_close(s.registry.devfd, bad))
+            expect(errno.EINVAL, "positive", lambda bad=bad: s.device.backing_close(bad))
 

@@ -1,4 +1,4 @@
-"""Reply and notification encoding, read back at the byte offsets of KERNEL.md.
+"""Reply and notification encoding, read back at the byte offsets of the kernel's uapi header (fuse.h).
 
 Fields are read with explicit (offset, struct code) pairs, never with
 ``fusepass.abi``'s Structs, so a wrong layout in abi.py makes these tests fail.
@@ -48,6 +48,7 @@ ENCODERS = [
     pytest.param(lambda: P.notify_delete(1, 9, b"gone"), id="notify_delete"),
     pytest.param(lambda: P.notify_store(9, 4096, b"data" * 100), id="notify_store"),
     pytest.param(lambda: P.notify_retrieve(0x1234, 9, 0, 65536), id="notify_retrieve"),
+    pytest.param(lambda: P.notify_inc_epoch(), id="notify_inc_epoch"),
 ]
 
 
@@ -92,6 +93,7 @@ def test_encode_error_sends_negative_errno_and_eio_for_values_the_kernel_refuses
         (lambda: P.notify_inval_inode(5, 0, 0), 2), (lambda: P.notify_inval_entry(1, b"a"), 3),
         (lambda: P.notify_store(5, 0, b""), 4), (lambda: P.notify_retrieve(1, 5, 0, 1), 5),
         (lambda: P.notify_delete(1, 5, b"a"), 6), (lambda: P.encode_notify(P.abi.NotifyCode.RESEND, b""), 7),
+        (lambda: P.notify_inc_epoch(), 8),
     ],
 )
 def test_notifications_have_unique_zero_and_the_code_in_error(encode, code):
@@ -151,7 +153,7 @@ ATTR = P.Attr(
 
 
 def check_attr(buf: bytes, base: int) -> None:
-    """fuse_attr (KERNEL.md section 4) at ``base``, for ATTR."""
+    """fuse_attr at ``base``, for ATTR."""
     assert get(buf, base + 0, "Q") == ATTR.ino
     assert get(buf, base + 8, "Q") == ATTR.size
     assert get(buf, base + 16, "Q") == ATTR.blocks
@@ -335,7 +337,7 @@ def test_join_names_ends_every_name_with_nul():
 
 
 def read_dirents(buf: bytes, plus: bool) -> list[tuple[int, int, int, int, bytes]]:
-    """Walk packed records (KERNEL.md section 6): (entry nodeid or None, ino, off, type, name)."""
+    """Walk packed records: (entry nodeid or None, ino, off, type, name)."""
     out = []
     pos = 0
     base = 152 if plus else 24
@@ -366,7 +368,7 @@ def test_dirent_size_is_name_offset_plus_name_rounded_up_to_8(name, plus, size):
 
 def test_readdir_records_are_8_byte_aligned_with_zero_padding():
     buf = bytearray(b"\xaa" * 4096)
-    listing = DirListing(buf, 4096, plus=False, entry_timeout=1.0, attr_timeout=1.0)
+    listing = DirListing(buf, 4096, plus=False)
     names = [b".", b"..", b"a", b"seven77", b"eight888", b"nine99999"]
     for i, name in enumerate(names):
         assert listing.add(name, i + 1, attr(100 + i, 0o040755 if i < 2 else 0o100644))
@@ -379,7 +381,7 @@ def test_readdir_records_are_8_byte_aligned_with_zero_padding():
 
 def test_readdir_type_is_the_mode_file_type():
     buf = bytearray(256)
-    listing = DirListing(buf, 256, plus=False, entry_timeout=0, attr_timeout=0)
+    listing = DirListing(buf, 256, plus=False)
     for i, mode in enumerate((0o120777, 0o060600, 0o140755)):
         listing.add(b"n%d" % i, i + 1, attr(5, mode))
     assert [r[3] for r in read_dirents(listing.result().tobytes(), False)] == [10, 6, 12]
@@ -389,7 +391,7 @@ def test_readdir_type_is_the_mode_file_type():
 def test_listing_stops_when_the_next_record_does_not_fit(plus):
     one = P.dirent_size(b"abc", plus)
     buf = bytearray(one * 3 - 1)  # room for two records, not three
-    listing = DirListing(buf, 10**6, plus=plus, entry_timeout=1.0, attr_timeout=1.0)  # limited by the buffer
+    listing = DirListing(buf, 10**6, plus=plus)  # limited by the buffer
     assert listing.add(b"abc", 1, attr(11))
     assert listing.add(b"abd", 2, attr(12))
     assert not listing.add(b"abe", 3, attr(13))
@@ -401,7 +403,7 @@ def test_listing_stops_when_the_next_record_does_not_fit(plus):
 @pytest.mark.parametrize("plus", [False, True])
 def test_listing_respects_the_requested_size_below_the_buffer(plus):
     one = P.dirent_size(b"abc", plus)
-    listing = DirListing(bytearray(65536), one, plus=plus, entry_timeout=1.0, attr_timeout=1.0)
+    listing = DirListing(bytearray(65536), one, plus=plus)
     assert listing.add(b"abc", 1, attr(11))  # exactly fills the reply
     assert not listing.add(b"d", 2, attr(12))
     assert len(listing.result()) == one
@@ -417,7 +419,7 @@ def test_readdirplus_calls_lookup_only_for_records_that_fit_and_never_for_dot_en
         return lookup
 
     size = P.dirent_size(b".", True) + P.dirent_size(b"..", True) + P.dirent_size(b"file", True)
-    listing = DirListing(bytearray(size + 100), size, plus=True, entry_timeout=1.0, attr_timeout=1.0)
+    listing = DirListing(bytearray(size + 100), size, plus=True)
     assert listing.add(b".", 1, attr(1, 0o040755), lookup_of(b".", 1))
     assert listing.add(b"..", 2, attr(1, 0o040755), lookup_of(b"..", 1))
     assert listing.add(b"file", 3, attr(50), lookup_of(b"file", 50))
@@ -434,7 +436,7 @@ def test_readdirplus_calls_lookup_only_for_records_that_fit_and_never_for_dot_en
 
 def test_readdirplus_without_lookup_lists_nodeid_zero_entries():
     buf = bytearray(b"\xaa" * 1024)
-    listing = DirListing(buf, 1024, plus=True, entry_timeout=5.0, attr_timeout=5.0)
+    listing = DirListing(buf, 1024, plus=True)
     assert listing.add(b"unlinked", 7, attr(77, 0o100600))
     out = listing.result().tobytes()
     assert len(out) == P.dirent_size(b"unlinked", True) == 160
@@ -451,7 +453,7 @@ def test_readdirplus_without_lookup_lists_nodeid_zero_entries():
     plus=st.booleans(), size=st.integers(0, 4096),
 )
 def test_listing_round_trips_what_fits(names, plus, size):
-    listing = DirListing(bytearray(b"\xaa" * 4096), size, plus=plus, entry_timeout=1.0, attr_timeout=1.0)
+    listing = DirListing(bytearray(b"\xaa" * 4096), size, plus=plus)
     added = []
     for i, name in enumerate(names):
         if not listing.add(name, i + 1, attr(1000 + i)):

@@ -1,6 +1,6 @@
 """Request parsing on hand-built byte fixtures: no /dev/fuse, no mount.
 
-Every fixture is laid out from the offset tables of KERNEL.md with explicit
+Every fixture is laid out from the kernel's uapi header (include/uapi/linux/fuse.h) with explicit
 (offset, struct code) pairs, never with ``fusepass.abi``'s Structs, so a wrong
 layout in abi.py makes these tests fail. Expected requests are whole dataclass
 values, so every parsed field is compared.
@@ -49,7 +49,7 @@ def fields(size: int, *items: tuple[int, str, int]) -> bytes:
 
 def message(opcode: int, body: bytes = b"", *, unique: int = UNIQUE, nodeid: int = NODEID,
             total_extlen: int = 0, length: int | None = None) -> bytes:
-    """A whole request: fuse_in_header (KERNEL.md section 2) followed by ``body``."""
+    """A whole request: fuse_in_header followed by ``body``."""
     header = fields(
         HEADER_SIZE,
         (0, "I", HEADER_SIZE + len(body) if length is None else length), (4, "I", opcode),
@@ -82,7 +82,7 @@ def reject(msg: bytes, *, setxattr_ext: bool = False) -> P.ProtocolError:
 # --- fixtures: one valid body per opcode and the request it must parse to ----------------
 
 INIT_EXT = 1 << 30
-KERNEL_OFFER = 0x5FD73FFFFFB  # what 6.18.44 offered (KERNEL.md section 3)
+KERNEL_OFFER = 0x5FD73FFFFFB  # what 6.18.44 offered
 
 GETATTR_IN = fields(16, (0, "I", 1), (4, "I", JUNK32), (8, "Q", FH))
 SETATTR_IN = fields(
@@ -270,7 +270,7 @@ CASES: dict[int, tuple[bytes, Expect]] = {
     O.STATX: (STATX_IN, lambda h: P.Statx(h, fh=FH, sx_flags=0x800, sx_mask=0xFFF)),
 }
 
-#: Size of the fixed part of each body (KERNEL.md sections 3 and 5.1). INIT accepts the
+#: Size of the fixed part of each body (fuse.h). INIT accepts the
 #: historic 16-byte form, so 16 is its minimum.
 FIXED_SIZE = {
     O.INIT: 16, O.FORGET: 8, O.BATCH_FORGET: 8, O.GETATTR: 16, O.SETATTR: 88, O.MKNOD: 16, O.MKDIR: 8,
@@ -284,7 +284,7 @@ FIXED_SIZE = {
 
 
 def test_fixtures_cover_every_parsed_opcode():
-    assert set(CASES) == set(P.Parser()._table)
+    assert set(CASES) == set(P.Parser().body_parsers)
 
 
 # --- the header ---------------------------------------------------------------------------
@@ -440,7 +440,7 @@ def test_unknown_opcode_parses_to_unknown_whatever_the_body(opcode):
 
 
 def _extensions() -> bytes:
-    """A security-context block and a supplementary-group record (KERNEL.md section 5.1),
+    """A security-context block and a supplementary-group record,
     each padded to 8 bytes."""
     ctx_name, ctx = b"security.selinux\0", b"system_u:object_r:tmp_t:s0\0"
     item = fields(8, (0, "I", len(ctx)), (4, "I", 0)) + ctx_name + ctx

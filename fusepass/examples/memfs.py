@@ -20,7 +20,6 @@ from fusepass.ops import ROOT_ID
 from fusepass.serve import run_foreground
 
 XATTR_CREATE, XATTR_REPLACE = 1, 2
-MAX_FILE_SIZE = 1 << 30  # it all lives in this process's memory
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
@@ -57,6 +56,7 @@ class MemFS(Operations):
     entry_timeout = 1.0
     attr_timeout = 1.0
     readdirplus = True
+    max_file_size = 1 << 30  # it all lives in this process's memory
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -157,7 +157,7 @@ class MemFS(Operations):
             if changes.size is not None:  # validate first: a refused change applies nothing
                 if not stat.S_ISREG(node.mode):
                     raise OSError(errno.EINVAL, "not a regular file")
-                if changes.size > MAX_FILE_SIZE:
+                if changes.size > self.max_file_size:
                     raise OSError(errno.EFBIG, "file too large for memory")
             now = time.time_ns()
             if changes.mode is not None:
@@ -321,7 +321,7 @@ class MemFS(Operations):
         with self.lock:
             node = self._node(ino)
             end = offset + len(data)
-            if end > MAX_FILE_SIZE:
+            if end > self.max_file_size:
                 raise OSError(errno.EFBIG, "file too large for memory")
             if end > len(node.data):
                 node.data.extend(bytes(end - len(node.data)))

@@ -8,9 +8,11 @@ they run on the control thread, never inside a request handler:
 * ``set NAME DATA``: replace the data of NAME's file in place, times untouched (no notification);
   answers its ino.
 * ``detach NAME``: remove NAME (no notification); answers the ino it named.
-* ``inval_entry NAME``: Session.invalidate_entry(root, NAME).
-* ``inval_inode INO``: Session.invalidate_inode(INO) (attributes and all cached data).
-* ``notify_delete INO NAME``: Session.notify_delete(root, INO, NAME).
+* ``inval_entry NAME``: notifier.invalidate_entry(root, NAME).
+* ``inval_inode INO``: notifier.invalidate_inode(INO) (attributes and all cached data).
+* ``notify_delete INO NAME``: notifier.notify_delete(root, INO, NAME).
+
+The notifier is the one INIT hands the filesystem (``conn.notifier`` in ``init``).
 * ``stats PATH``: Session.op_stats() as JSON.
 """
 
@@ -21,9 +23,9 @@ import time
 
 from _control import Control, run_with_control
 
-from fusepass import Session
 from fusepass.examples.memfs import MemFS, Node
-from fusepass.ops import ROOT_ID
+from fusepass.notify import Notifier
+from fusepass.ops import ROOT_ID, ConnectionInfo
 
 
 class NotifyingFS(MemFS):
@@ -33,6 +35,7 @@ class NotifyingFS(MemFS):
     def __init__(self, control: Control) -> None:
         super().__init__()
         self.control = control
+        self.notifier: Notifier | None = None
         control.commands.update(
             replace=self.replace, set=self.set_data, detach=self.detach, inval_entry=self.inval_entry,
             inval_inode=self.inval_inode, notify_delete=self.notify_delete,
@@ -64,21 +67,25 @@ class NotifyingFS(MemFS):
             self._unlink_node(self.nodes[ROOT_ID], name.encode(), node, time.time_ns())
             return node.ino
 
+    def init(self, conn: ConnectionInfo) -> None:
+        super().init(conn)
+        self.notifier = conn.notifier
+
     def inval_entry(self, name: str) -> str:
-        self._session().invalidate_entry(ROOT_ID, name.encode())
+        self._notifier().invalidate_entry(ROOT_ID, name.encode())
         return "sent"
 
     def inval_inode(self, ino: str) -> str:
-        self._session().invalidate_inode(int(ino))
+        self._notifier().invalidate_inode(int(ino))
         return "sent"
 
     def notify_delete(self, ino: str, name: str) -> str:
-        self._session().notify_delete(ROOT_ID, int(ino), name.encode())
+        self._notifier().notify_delete(ROOT_ID, int(ino), name.encode())
         return "sent"
 
-    def _session(self) -> Session:
-        assert self.control.session is not None
-        return self.control.session
+    def _notifier(self) -> Notifier:
+        assert self.notifier is not None, "INIT has not been answered"
+        return self.notifier
 
 
 def main() -> int:

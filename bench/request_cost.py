@@ -1,0 +1,90 @@
+"""User-space instructions per request (client + server), counted by callgrind.
+
+Mounts a trivial filesystem in this process (one worker), then a forked child makes N system
+calls that each cost exactly one request of the chosen kind; callgrind counts every user-space
+instruction of both processes (the child is forked, so it runs under callgrind too; a client
+thread in the server's process would deadlock, because callgrind holds its lock across stat).
+Two runs with different N cancel the start-up cost:
+
+    python -m bench.request_cost            # runs callgrind twice per opcode and prints the figures
+
+``python -m bench.request_cost --serve getattr 20000`` is the measured program itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+
+from fusepass import Attr, Context, Entry, Operations
+from fusepass.session import Session
+
+ROOT = Attr(ino=1, mode=stat.S_IFDIR | 0o755, nlink=2)
+
+
+class Cheap(Operations):
+    """GETATTR of the root is never cached; every new name is one LOOKUP, cached for ever."""
+
+    attr_timeout = 0.0
+
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
+        return ROOT if ino == 1 else Attr(ino=ino, mode=stat.S_IFREG | 0o644)
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        ino = int(name[1:]) + 2
+        return Entry(ino, Attr(ino=ino, mode=stat.S_IFREG | 0o644), 1e6, 1e6)
+
+
+def serve(kind: str, n: int) -> None:
+    with tempfile.TemporaryDirectory() as mnt, Session(Cheap(), mnt, threads=1, passthrough="off"):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if kind == "getattr":
+                    for _ in range(n):
+                        os.stat(mnt)
+                else:
+                    for i in range(n):
+                        os.stat(f"{mnt}/f{i}")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def instructions(kind: str, n: int) -> int:
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p", sys.executable, "-m",
+             "bench.request_cost", "--serve", kind, str(n)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800,
+        )
+        total = 0
+        for name in os.listdir(out):
+            with open(os.path.join(out, name)) as f:
+                m = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
+            assert m, f"no instruction total in {name}"
+            total += int(m.group(1))
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--large", type=int, default=12000)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve[0], int(args.serve[1]))
+        return
+    for kind in ("getattr", "lookup"):
+        small, large = instructions(kind, args.small), instructions(kind, args.large)
+        print(f"{kind.upper():8} {(large - small) / (args.large - args.small):10,.0f} instructions per request")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .workloads import STEPS, Step
+from .workloads import FULL, STEPS, Step
 
 STEP_BY_ID = {s.id: s for s in STEPS}
 CONFIG_ORDER = ["native", "fusepass-pt", "fusepass-served", "pyfuse3", "mfusepy"]
@@ -80,6 +80,9 @@ def markdown(raw: dict[str, Any]) -> str:
             "writes go to the page cache without fsync.",
             "- **Cells:** median (min–max over rounds) and, after the ×, speed relative to native "
             "(1.00 = native; for times, native time / time).", ""]
+    if quick(raw):
+        out += ["**Quick mode: a smoke test.** Sizes are a fraction of a full run's, so the figures are not "
+                "comparable with one, and the targets are not judged.", ""]
     out += ["## Configurations", ""]
     for c in configs:
         out.append(f"- `{c}`: {raw['configs'][c]['label']}" + _facts(raw["configs"][c]))
@@ -137,12 +140,19 @@ def _failed(raw: dict[str, Any], step: str, config: str) -> bool:
     return any(m["step"] == step and m["config"] == config and m.get("error") for m in raw["measurements"])
 
 
+def quick(raw: dict[str, Any]) -> bool:
+    """Whether the run used smaller sizes than a full run (``--quick``)."""
+    return any(raw["params"][k] != v for k, v in vars(FULL).items() if k != "rounds")
+
+
 def targets_table(raw: dict[str, Any], figures: dict[tuple[str, str], Figure]) -> list[str]:
-    """Issue 6's targets against this run's medians."""
+    """Issue 6's targets against this run's medians (not judged in quick mode)."""
     rows = []
+    judged = not quick(raw)
 
     def row(target: str, ratio: float | None, need: float, shown: str = "") -> None:
-        verdict = "n/a" if ratio is None else ("met" if ratio >= need else "missed")
+        verdict = ("not judged (quick mode)" if not judged else "n/a" if ratio is None
+                   else "met" if ratio >= need else "missed")
         rows.append(f"| {target} | {shown or ('×' + fmt(ratio) if ratio is not None else '–')} | ×{need:g} | "
                     f"{verdict} |")
 

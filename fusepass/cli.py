@@ -10,23 +10,32 @@ import logging.handlers
 import os
 import select
 import shutil
+import signal
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import control
+from . import control, policy
 from . import mount as mountmod
+from .audit import AuditLog
 from .mirror import Mirror
 from .mount import MountError, MountOptions
 from .negotiate import PASSTHROUGH_MODES
-from .serve import describe, parse_mount_options, serve
+from .policy import Policy, RuleError, rules_from_toml
+from .policy_mirror import PolicyMirror
+from .serve import USAGE, OneLineParser, describe, parse_mount_options, serve, thread_count
 from .session import DEFAULT_THREADS, Session, SessionError
 
 PROG = "fusepass"
+MAX_TIMEOUT = 365 * 86400  # seconds: a year; the kernel would take more, no operator means it
+DEMO_MARKER = ".fusepass-demo"  # in the directory ``demo --keep`` leaves: ``umount`` removes it
+
+log = logging.getLogger("fusepass")
 
 
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
+    """Bad input from the user: printed as one line, exit status 2 (USAGE); nothing is mounted."""
 
 
 def _mirror_options(unknown: list[str]) -> dict[str, float | int]:
@@ -38,13 +47,73 @@ def _mirror_options(unknown: list[str]) -> dict[str, float | int]:
         try:
             if key == "timeout":
                 out["timeout"] = float(value)
+                if not 0 <= out["timeout"] <= MAX_TIMEOUT:  # also false for NaN
+                    raise UsageError(f"timeout must be a number of seconds from 0 to {MAX_TIMEOUT}, not {value}")
             elif key in ("max_path_fds", "max_stack_depth"):
                 out[key] = int(value)
+                if key == "max_path_fds" and out[key] < 1:
+                    raise UsageError(f"max_path_fds must be at least 1, not {value}")
+                if key == "max_stack_depth" and out[key] not in (1, 2):
+                    raise UsageError(f"max_stack_depth must be 1 or 2, not {value}")
             else:
                 raise UsageError(f"unknown mount option: {item}")
         except ValueError:
             raise UsageError(f"bad value in mount option: {item}") from None
     return out
+
+
+def _fsname(source: str) -> str:
+    """The source path as the mount's fsname (what /proc/mounts shows), with the characters a mount
+    option string cannot carry replaced."""
+    return "".join("_" if c in mountmod.UNSAFE_NAME_CHARS else c for c in source) or "fusepass"
+
+
+def _check_mountpoint(mountpoint: str) -> str:
+    """The absolute mount point, or a UsageError saying why it cannot be mounted on."""
+    path = os.path.abspath(mountpoint)
+    entry = mountmod.mount_entry(path)
+    if entry is not None:
+        if entry[1].startswith("fuse") and _dead(path):
+            raise UsageError(f"{path} is a FUSE mount whose server is gone: run `{PROG} umount {path}` first")
+        raise UsageError(f"{path} is already a mount point ({entry[1]} from {entry[2]})")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise UsageError(f"mount point {path} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"mount point {path}: {describe(e)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mount point {path} is not a directory")
+    return path
+
+
+def _warn_if_not_empty(path: str) -> None:
+    try:
+        with os.scandir(path) as it:
+            if next(it, None) is not None:
+                print(f"{PROG}: warning: {path} is not empty; what it holds is hidden while the mirror is mounted",
+                      file=sys.stderr)
+    except OSError:
+        pass  # not ours to list: the kernel decides whether it may be mounted on
+
+
+def _dead(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _policy(args: argparse.Namespace) -> tuple[Policy, str | None]:
+    """The rules and the audit log path from --rules FILE, --hide, --read-only, --deny, --audit-log."""
+    try:
+        rules, audit_path = rules_from_toml(args.rules) if args.rules else ([], None)
+        rules += [policy.hide(g) for g in args.hide] + [policy.read_only(g) for g in args.read_only]
+        rules += [policy.parse_deny(spec) for spec in args.deny]
+    except RuleError as e:
+        raise UsageError(str(e)) from None
+    return Policy(rules), args.audit_log or audit_path
 
 
 def _prepare(args: argparse.Namespace) -> Session:
@@ -53,36 +122,56 @@ def _prepare(args: argparse.Namespace) -> Session:
         raise UsageError(f"source {source} does not exist")
     if not os.path.isdir(source):
         raise UsageError(f"source {source} is not a directory")
-    mnt = os.path.abspath(args.mountpoint)
+    mnt = _check_mountpoint(args.mountpoint)
     real_src, real_mnt = os.path.realpath(source), os.path.realpath(mnt)
     if real_mnt == real_src or real_mnt.startswith(real_src.rstrip("/") + "/"):
         raise UsageError(f"mount point {mnt} is inside the source {source}: that would loop")
-    options = MountOptions(fsname=source.replace(",", "_").replace(" ", "_") or "fusepass",
-                           subtype="fusepass", default_permissions=True)
+    options = MountOptions(fsname=_fsname(source), subtype="fusepass", default_permissions=True)
     extra: list[str] = []
     for text in args.options:
         extra += parse_mount_options(text, options)
+    try:
+        options.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     fs_options = _mirror_options(extra)
     depth = fs_options.pop("max_stack_depth", None)
-    if depth not in (None, 1, 2):
-        raise UsageError("max_stack_depth must be 1 or 2")
-    fs = Mirror(source, **fs_options)  # type: ignore[arg-type]
+    rules, audit_path = _policy(args)
+    if args.log:
+        _writable(args.log, "log")
+    audit = None
+    if audit_path:
+        try:
+            audit = AuditLog(audit_path)
+        except OSError as e:
+            raise UsageError(f"cannot open the audit log {audit_path}: {describe(e)}") from None
+    fs = (PolicyMirror(source, rules, audit, **fs_options) if rules or audit
+          else Mirror(source, **fs_options))  # type: ignore[arg-type]
     if depth is None:
         depth = 2 if fs.stacked else 1
+    _warn_if_not_empty(mnt)
     return Session(fs, mnt, options, threads=args.threads, passthrough=args.passthrough,
                    max_stack_depth=int(depth), debug=args.debug)
 
 
+def _writable(path: str, what: str) -> None:
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write the {what} {path}: {describe(e)}") from None
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    mountmod.check_mountpoint(args.mountpoint)
     if not os.path.exists(mountmod.DEVICE):
         raise MountError(errno.ENODEV, f"{mountmod.DEVICE} does not exist: load the fuse module (modprobe fuse)")
     if not mountmod.has_cap_sys_admin() and mountmod.fusermount_path() is None:
         raise MountError(errno.EPERM,
                          "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
     session = _prepare(args)
+    on_ready = _reopen_on_hangup(session.fs)
     if args.foreground:
-        return serve(session, args.ready_fd, PROG)
+        return serve(session, args.ready_fd, PROG, on_ready=on_ready)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the background server
@@ -92,7 +181,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         _log_in_background(args.log, args.debug)
-        os._exit(serve(session, w, PROG))
+        os._exit(serve(session, w, PROG, on_ready=on_ready))
     os.close(w)
     ready, _, _ = select.select([r], [], [], 60)
     message = os.read(r, 4096).decode(errors="replace") if ready else "timed out waiting for the server"
@@ -103,14 +192,30 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 1
 
 
+def _reopen_on_hangup(fs: object) -> Callable[[Session], None]:
+    """SIGHUP reopens the audit log (after rotation); without one it is ignored, so a hang-up of the
+    terminal never kills a server and leaves a dead mount. Installed once the server serves."""
+    audit = getattr(fs, "audit", None)
+
+    def on_hangup(signum: int, frame: object) -> None:
+        if audit is not None:
+            audit.reopen()
+
+    def install(session: Session) -> None:
+        signal.signal(signal.SIGHUP, on_hangup)
+
+    return install
+
+
 def _log_in_background(path: str | None, debug: bool) -> None:
-    """Send warnings (everything with --debug) to ``path``, else to syslog, else nowhere."""
+    """Send warnings (everything with --debug) to ``path``, else to syslog, else nowhere. The file is
+    reopened when it is rotated away."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler: logging.Handler
     if path:
-        handler = logging.FileHandler(path)
+        handler = logging.handlers.WatchedFileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s fusepass[%(process)d] %(levelname)s %(message)s"))
     elif os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler("/dev/log")
@@ -132,20 +237,38 @@ def cmd_umount(args: argparse.Namespace) -> int:
         pid: int | None = int(control.query(mnt, timeout=2)["pid"])
     except (OSError, ValueError, KeyError):
         pid = None  # the server is gone (or not a fusepass server): unmounting cleans up
+    server = f"server {pid}" if pid is not None else "its server"
     try:
-        mountmod.unmount(mnt, lazy=args.lazy)
+        mountmod.unmount(mnt, lazy=False)
     except OSError as e:
-        if e.errno == errno.EBUSY:
+        if e.errno != errno.EBUSY:
+            raise
+        if not args.lazy:
             raise UsageError(f"{mnt} is busy (files are open on it); use --lazy to detach it now") from None
-        raise
+        mountmod.unmount(mnt, lazy=True)
+        print(f"detached {mnt}; {server} goes on serving the files open on it and exits at the last close")
+        return 0
     if pid is None:
         print(f"unmounted {mnt} (no server was answering)")
-        return 0
-    if wait_for_exit(pid, 10.0):
+    elif wait_for_exit(pid, 10.0):
         print(f"unmounted {mnt}; server {pid} stopped")
     else:
-        print(f"unmounted {mnt}; server {pid} still serving files that are open on the detached mount")
+        print(f"unmounted {mnt}; server {pid} has not exited yet")
+    _remove_demo_dir(mnt)
     return 0
+
+
+def _remove_demo_dir(mnt: str) -> None:
+    """After ``demo --keep``: remove the directory the demo made, once its mount is gone."""
+    work = os.path.dirname(mnt)
+    try:
+        with open(os.path.join(work, DEMO_MARKER)) as f:
+            ours = f.read().strip() == mnt
+    except OSError:
+        return
+    if ours and not any(point == mnt or point.startswith(work + "/") for point, _ in mountmod.fuse_mounts()):
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"removed the demo's directory {work}")
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
@@ -175,7 +298,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             report.append(control.query(mnt))
         except OSError as e:
             failed = True
-            report.append({"mountpoint": mnt, "error": str(e)})
+            report.append({"mountpoint": mnt, "error": describe(e)})
     if args.json:
         print(json.dumps(report if not args.mountpoint else report[0], indent=2))
     else:
@@ -191,18 +314,35 @@ def _format_status(st: dict[str, Any]) -> str:
         return f"{st['mountpoint']}: {st['error']}"
     pt = st["passthrough"]
     fs = st.get("filesystem", {})
+    what = f"source {fs['source']}" if "source" in fs else f"fsname {st['fsname']}"
     lines = [
-        f"{st['mountpoint']}  (source {fs.get('source', st['fsname'])}, pid {st['pid']}, up {st['uptime_s']:.0f}s,"
+        f"{st['mountpoint']}  ({what}, pid {st['pid']}, up {st['uptime_s']:.0f}s,"
         f" {st['threads']} threads, {st['open_fds']} open fds)",
-        "  passthrough: " + ("on" if pt["negotiated"] else f"off ({pt['why_not']})")
-        + f"; opens {pt['opens']} passed through, {pt['served_opens']} served; backing ids now {pt['backing_ids']}",
     ]
+    if fs.get("source_state", "present") != "present":
+        lines.append(f"  SOURCE {fs['source_state'].upper()}: new lookups fail; what the server holds is still served")
+    lines.append("  passthrough: " + ("on" if pt["negotiated"] else f"off ({pt['why_not']})")
+                 + f"; opens {pt['opens']} passed through, {pt['served_opens']} served; "
+                 f"backing ids now {pt['backing_ids']}")
     for reason, n in pt["served_reasons"].items():
         lines.append(f"    served {n}x: {reason}")
+    lines += _format_policy(fs.get("policy"))
     lines.append(f"  {'request':<16}{'count':>10}{'errors':>8}{'p50 us':>10}{'p99 us':>10}")
     for name, r in sorted(st["requests"].items(), key=lambda kv: -kv[1]["count"]):
         lines.append(f"  {name:<16}{r['count']:>10}{r['errors']:>8}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}")
     return "\n".join(lines)
+
+
+def _format_policy(pol: dict[str, Any] | None) -> list[str]:
+    if not pol:
+        return []
+    lines = ["  rules: " + ("; ".join(pol["rules"]) or "none")]
+    by_rule = ", ".join(f"{n} by {rule}" for rule, n in sorted(pol["denials_by_rule"].items(), key=lambda kv: -kv[1]))
+    lines.append(f"  denials: {pol['denials']}" + (f" ({by_rule})" if by_rule else ""))
+    audit = pol.get("audit")
+    if audit:
+        lines.append(f"  audit log {audit['log']}: {audit['written']} records written, {audit['dropped']} dropped")
+    return lines
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -217,6 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"mounting a mirror of {source} at {mnt}")
     status = main(["mount", source, mnt] + (["--debug"] if args.debug else []))
     if status:
+        shutil.rmtree(work, ignore_errors=True)
         return status
     try:
         files = 0
@@ -233,7 +374,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         main(["status", mnt])
     finally:
         if args.keep:
-            print(f"\nstill mounted; unmount with: fusepass umount {mnt}")
+            with open(os.path.join(work, DEMO_MARKER), "w") as f:
+                f.write(mnt + "\n")
+            print(f"\nstill mounted; unmount (and remove {work}) with: {PROG} umount {mnt}")
         else:
             main(["umount", mnt])
             shutil.rmtree(work, ignore_errors=True)
@@ -256,35 +399,59 @@ def _make_demo_tree(root: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Mirror a directory through FUSE with kernel passthrough.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("mount", help="mount a mirror of SOURCE at MOUNTPOINT")
-    m.add_argument("source")
-    m.add_argument("mountpoint")
-    m.add_argument("-o", dest="options", action="append", default=[],
-                   help="comma-separated options: ro, allow_other, default_permissions, fsname=, timeout=SECONDS")
+    parser = OneLineParser(prog=PROG, description="Mirror a directory through FUSE with kernel passthrough.",
+                           epilog="Exit status: 0 done, 1 the mount or the server failed, "
+                                  f"{USAGE} bad input (nothing was done).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    m = sub.add_parser("mount", help="mount a mirror of SOURCE at MOUNTPOINT",
+                       description="Mirror SOURCE at MOUNTPOINT; return once it answers, the server in the "
+                                   "background. Regular files are passed through to the kernel.")
+    m.add_argument("source", help="the directory to mirror")
+    m.add_argument("mountpoint", help="an existing directory to mount the mirror on")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated options (repeatable): ro, allow_other, default_permissions (on), "
+                        "fsname=NAME, timeout=SECONDS (entry and attribute cache, default 1), "
+                        "max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
-    m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto")
-    m.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
+                   help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
+                        "on (fail if it cannot be had) or off (serve reads and writes from Python)")
+    m.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS, metavar="N",
+                   help=f"worker threads, each with its own /dev/fuse queue (default {DEFAULT_THREADS})")
+    m.add_argument("--hide", action="append", default=[], metavar="GLOB",
+                   help="hide names matching GLOB: they look missing and cannot be created (repeatable)")
+    m.add_argument("--deny", action="append", default=[], metavar="SPEC",
+                   help="deny access: GLOB[,access=read|write|any][,uid=N][,gid=N][,errno=NAME], e.g. "
+                        "'private/**,uid=1000'; write access includes every change (repeatable)")
+    m.add_argument("--read-only", action="append", default=[], metavar="GLOB",
+                   help="refuse every change to what GLOB covers with EROFS (repeatable)")
+    m.add_argument("--rules", metavar="FILE", help="read rules (and the audit log's path) from a TOML file")
+    m.add_argument("--audit-log", metavar="FILE",
+                   help="append a JSON line per open, creation, rename, removal and denial to FILE "
+                        "(reopened on SIGHUP)")
     m.add_argument("--debug", action="store_true", help="trace every request and reply")
-    m.add_argument("--log", help="in the background, log to this file (default: syslog)")
+    m.add_argument("--log", metavar="FILE",
+                   help="in the background, log warnings (everything with --debug) to FILE (default: syslog)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # for tests, with -f
     m.set_defaults(func=cmd_mount)
-    u = sub.add_parser("umount", help="unmount MOUNTPOINT")
-    u.add_argument("mountpoint")
-    u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
+    u = sub.add_parser("umount", help="unmount MOUNTPOINT and stop its server",
+                       description="Unmount MOUNTPOINT and wait for its server to exit.")
+    u.add_argument("mountpoint", help="where the mirror is mounted")
+    u.add_argument("-z", "--lazy", action="store_true",
+                   help="if files are open on it, detach it now and return at once; the server exits at the "
+                        "last close")
     u.set_defaults(func=cmd_umount)
     s = sub.add_parser("status", help="show what fusepass mounts are doing")
-    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("mountpoint", nargs="?", help="one mount (default: every fusepass mount)")
     s.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
     s.set_defaults(func=cmd_status)
     d = sub.add_parser("demo", help="mount a mirror of SOURCE (default: a generated tree), read it, show status")
-    d.add_argument("source", nargs="?")
-    d.add_argument("--keep", action="store_true", help="leave it mounted")
-    d.add_argument("--debug", action="store_true")
+    d.add_argument("source", nargs="?", help="a directory to mirror (default: a generated tree of 501 files)")
+    d.add_argument("--keep", action="store_true", help=f"leave it mounted ({PROG} umount then cleans up)")
+    d.add_argument("--debug", action="store_true", help="trace every request and reply")
     d.set_defaults(func=cmd_demo)
-    h = sub.add_parser("install-helper", help="link mount.fuse.fusepass into /sbin (for fstab)")
-    h.add_argument("--dir", default="/sbin")
+    h = sub.add_parser("install-helper", help="link mount.fuse.fusepass into /sbin (for mount -t and fstab)")
+    h.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default /sbin)")
     h.set_defaults(func=cmd_install_helper)
     return parser
 
@@ -297,13 +464,16 @@ _FSTAB_ONLY = ("defaults", "auto", "noauto", "user", "users", "nouser", "owner",
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     """``mount.fuse.fusepass SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``: what mount(8) runs for
     ``mount -t fuse.fusepass`` and fstab lines. fusepass's own options ``passthrough=auto|on|off``,
-    ``threads=N``, ``debug`` and ``log=FILE`` may be given with -o."""
-    parser = argparse.ArgumentParser(prog="mount.fuse.fusepass")
-    parser.add_argument("source")
-    parser.add_argument("mountpoint")
-    parser.add_argument("-o", dest="options", action="append", default=[])
-    for flag in ("-n", "-s", "-f", "-v"):  # no mtab, sloppy, fake, verbose: mount(8)'s own
-        parser.add_argument(flag, action="store_true")
+    ``threads=N``, ``debug``, ``log=FILE``, ``rules=FILE``, ``audit_log=FILE``, ``hide=GLOB`` and
+    ``read_only=GLOB`` may be given with -o."""
+    parser = OneLineParser(prog="mount.fuse.fusepass", description="What mount(8) runs for fuse.fusepass.")
+    parser.add_argument("source", help="the directory to mirror")
+    parser.add_argument("mountpoint", help="where to mount it")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="mount options, and fusepass's own (see fusepass mount --help)")
+    for flag, what in (("-n", "no mtab (ignored)"), ("-s", "sloppy (ignored)"), ("-f", "fake: do nothing"),
+                       ("-v", "verbose (ignored)")):  # mount(8)'s own
+        parser.add_argument(flag, action="store_true", help=what)
     args = parser.parse_args(argv)
     if args.f:
         return 0
@@ -313,8 +483,8 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
         key, _, value = item.partition("=")
         if not item or key in _FSTAB_ONLY or key.startswith("x-"):
             continue
-        if key in ("passthrough", "threads", "log") and value:
-            extra += [f"--{key}", value]
+        if key in ("passthrough", "threads", "log", "rules", "audit_log", "hide", "read_only") and value:
+            extra += [f"--{key.replace('_', '-')}", value]
         elif key == "debug" and not value:
             extra.append("--debug")
         else:
@@ -331,7 +501,7 @@ def cmd_install_helper(args: argparse.Namespace) -> int:
     if os.path.lexists(target):
         os.unlink(target)
     os.symlink(os.path.abspath(helper), target)
-    print(f"{target} -> {os.path.abspath(helper)}")
+    print(f"{target} -> {os.path.abspath(helper)} (remove it with: rm {target})")
     return 0
 
 
@@ -341,9 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s %(message)s")
     try:
         return int(args.func(args))
-    except UsageError as e:
+    except (UsageError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+        return USAGE
+    except BrokenPipeError:  # the reader of our output went away (``fusepass status | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (MountError, SessionError, OSError) as e:
         print(f"{PROG}: {describe(e)}", file=sys.stderr)
         return 1

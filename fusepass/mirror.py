@@ -9,7 +9,8 @@ however many inodes the kernel remembers. Without CAP_DAC_READ_SEARCH (an unpriv
 server) file handles cannot be opened, and every remembered inode keeps its descriptor.
 
 Subclass to add policy: ``check_open`` may refuse an open with an errno, ``is_hidden``
-hides names; see ``fusepass.examples.readonly_audit``.
+hides names; see ``fusepass.examples.readonly_audit``. Rules written as globs, and an audit
+log, are ``fusepass.policy_mirror``'s.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Mirror(Operations):
         # (inode, thread) that just had its file capability removed by the kernel before a write:
         # the empty SETATTR that follows is the rest of that, not a chown(f, -1, -1).
         self._privileges_removed: OrderedDict[tuple[int, int], None] = OrderedDict()
-        os.umask(0)  # modes arrive with the caller's umask applied, by the kernel or by _mode_for
+        self._source_state: str | None = None  # what became of the source directory, once noticed
 
     @property
     def stacked(self) -> bool:
@@ -153,6 +154,23 @@ class Mirror(Operations):
         """The current path of ``ino`` in the source (the kernel tracks renames), for logs."""
         with self._pinned(ino) as fd:
             return os.readlink(_proc(fd).decode())
+
+    def source_state(self) -> str | None:
+        """None while the source directory is where it was mounted from; otherwise what became of
+        it, in words ("removed", "moved to PATH"). Logged once when first noticed."""
+        with self._pinned(ROOT_ID) as fd:
+            try:
+                gone = os.fstat(fd).st_nlink == 0
+                now = os.readlink(_proc(fd).decode())
+            except OSError as e:
+                return f"cannot be checked: {e.strerror}"
+        state = "removed" if gone or now.endswith(" (deleted)") else None if now == self.source else f"moved to {now}"
+        if state != self._source_state:
+            self._source_state = state
+            if state is not None:
+                log.warning("the source directory %s was %s; the mount goes on serving what it holds",
+                            self.source, state)
+        return state
 
     # --- the inode table ---------------------------------------------------------------
 
@@ -328,8 +346,13 @@ class Mirror(Operations):
         if (st.st_uid, st.st_gid) != (ctx.uid, gid):
             syscalls.fchownat(fd, b"", ctx.uid, gid, syscalls.AT_EMPTY_PATH)
             st = os.fstat(fd)
-        wanted = mode & (stat.S_ISUID | stat.S_ISGID)
-        if stat.S_ISREG(st.st_mode) and st.st_mode & wanted != wanted:
+        wanted = mode & (stat.S_ISUID | stat.S_ISGID) if stat.S_ISREG(st.st_mode) else 0
+        # Permission bits the server's own umask took away (the caller's was applied already),
+        # unless a default ACL decided them.
+        lost = 0 if stat.S_ISLNK(st.st_mode) else mode & 0o777 & ~st.st_mode
+        if lost and not _default_acl(dirfd):
+            wanted |= lost
+        if st.st_mode & wanted != wanted:
             os.chmod(_proc(fd), stat.S_IMODE(st.st_mode) | wanted)
             st = os.fstat(fd)
         return st
@@ -362,6 +385,8 @@ class Mirror(Operations):
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
         if fh is not None and ino != ROOT_ID and fh in self._files:
             return _attr(os.fstat(fh))
+        if ino == ROOT_ID:
+            self.source_state()  # asked about once per attribute timeout: where a removal gets noticed
         with self._pinned(ino) as fd:
             return _attr(os.fstat(fd))
 
@@ -427,13 +452,9 @@ class Mirror(Operations):
     def _mode_for(self, dirfd: int, mode: int, umask: int) -> int:
         """The caller's umask applies to a new object, unless its directory has a default ACL
         (which the source filesystem then applies instead, as it would for the caller)."""
-        if not mode & umask:
+        if not mode & umask or _default_acl(dirfd):
             return mode
-        try:
-            os.getxattr(_proc(dirfd), "system.posix_acl_default")
-        except OSError:
-            return mode & ~umask
-        return mode
+        return mode & ~umask
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         with self._create_in(ctx, parent, name) as pfd:
@@ -681,7 +702,8 @@ class Mirror(Operations):
             self._lru.clear()
 
     def status(self) -> dict[str, object]:
-        return {"source": self.source, "file_handles": self.handles, "descriptors": self.descriptor_counts()}
+        return {"source": self.source, "source_state": self.source_state() or "present",
+                "file_handles": self.handles, "descriptors": self.descriptor_counts()}
 
     def descriptor_counts(self) -> dict[str, int]:
         """Descriptors the mirror holds, by purpose (for status and tests)."""
@@ -708,6 +730,15 @@ class _Pin:
 
     def __exit__(self, *exc: object) -> None:
         self.mirror._release_fd(self.inode)
+
+
+def _default_acl(dirfd: int) -> bool:
+    """Whether the directory has a default ACL (which then decides new objects' modes, not a umask)."""
+    try:
+        os.getxattr(_proc(dirfd), "system.posix_acl_default")
+    except OSError:
+        return False
+    return True
 
 
 def _kind(e: os.DirEntry[str]) -> int:

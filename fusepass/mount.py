@@ -73,9 +73,15 @@ class MountOptions:
         return opts + list(self.extra)
 
     def check(self) -> None:
+        """Raise ValueError, one line saying what is wrong, for options no mount would accept."""
         for value, what in ((self.fsname, "fsname"), (self.subtype, "subtype")):
-            if not value or any(c in value for c in ",= \t\n\\") :
-                raise ValueError(f"{what} {value!r} must be non-empty and free of commas, '=', spaces and backslashes")
+            if not value or any(c in value for c in UNSAFE_NAME_CHARS):
+                raise ValueError(f"{what} {value!r} must be non-empty and free of commas, '=', spaces and "
+                                 "backslashes (mount options are separated by them)")
+
+
+#: Characters a name carried in a mount option string cannot hold.
+UNSAFE_NAME_CHARS = ",= \t\n\\"
 
 
 @dataclass(slots=True)

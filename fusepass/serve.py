@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .control import ControlServer, status_document
 from .mount import MountError, MountOptions
@@ -20,6 +21,29 @@ def describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     return str(e)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``PROG: what is wrong (see PROG --help)``)
+    and exit status 2, the status of every usage error of fusepass's commands."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+USAGE = 2  # exit status of a usage error: nothing was done
+MAX_THREADS = 256
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: a whole number from 1 to MAX_THREADS."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_THREADS}, not {text!r}")
+    return n
 
 
 def parse_mount_options(text: str, options: MountOptions) -> list[str]:
@@ -43,12 +67,16 @@ def parse_mount_options(text: str, options: MountOptions) -> list[str]:
 
 
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mountpoint")
-    parser.add_argument("-o", dest="options", action="append", default=[], help="comma-separated mount options")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"worker threads (default {DEFAULT_THREADS})")
-    parser.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto")
-    parser.add_argument("--debug", action="store_true", help="trace every request")
+    parser.add_argument("mountpoint", help="an existing directory to mount the filesystem on")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="comma-separated mount options: ro, allow_other, default_permissions, fsname=NAME, "
+                             "nosuid, nodev, noexec, noatime, max_read=BYTES (repeatable)")
+    parser.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS, metavar="N",
+                        help=f"worker threads, each with its own /dev/fuse queue (default {DEFAULT_THREADS})")
+    parser.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
+                        help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
+                             "on (fail if it cannot be had) or off (serve reads and writes from Python)")
+    parser.add_argument("--debug", action="store_true", help="trace every request and reply to standard error")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -62,7 +90,7 @@ def run_foreground(
     ``on_ready`` is called with the session once the mount answers (INIT done), in the main
     thread: the place to keep the session for notifications or statistics.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineParser(description=description)
     if configure:
         configure(parser)
     add_session_arguments(parser)
@@ -75,11 +103,15 @@ def run_foreground(
         if unknown:
             parser.error(f"unknown mount option(s): {', '.join(unknown)}")
     try:
+        options.check()
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         fs = make_fs(args)
         session = Session(fs, args.mountpoint, options, threads=args.threads, passthrough=args.passthrough,
                           debug=args.debug)
     except (OSError, ValueError) as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        print(f"{parser.prog}: {describe(e)}", file=sys.stderr)
         return 1
     return serve(session, args.ready_fd, parser.prog, on_ready=on_ready)
 
@@ -91,7 +123,7 @@ def serve(session: Session, ready_fd: int | None, prog: str, *,
     try:
         session.start()
         session.wait_ready()
-    except (MountError, SessionError, OSError) as e:
+    except (MountError, SessionError, OSError, ValueError) as e:
         session.close()
         if ready_fd is not None:
             os.write(ready_fd, f"{describe(e)}\n".encode())

@@ -43,12 +43,19 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         r, w = os.pipe()
         kwargs: dict[str, Any] = {}
+        env = self.env
         if self.user is not None:
             kwargs.update(user=self.user[0], group=self.user[1], extra_groups=[])
+            # Its status socket goes under XDG_RUNTIME_DIR, here beside the mount point (the default,
+            # /tmp/fusepass-UID, would outlive the test).
+            run = self.mountpoint.parent / f"{self.mountpoint.name}.run"
+            run.mkdir(mode=0o700, exist_ok=True)
+            os.chown(run, *self.user)
+            env = {**(os.environ if env is None else env), "XDG_RUNTIME_DIR": str(run)}
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 self.argv + ["--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                stdout=err, stderr=err, env=self.env, **kwargs,
+                stdout=err, stderr=err, env=env, **kwargs,
             )
         os.close(w)
         try:

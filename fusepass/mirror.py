@@ -54,12 +54,7 @@ _CAPABILITY = b"security.capability"
 _DOTS = (b".", b"..")
 
 
-def _attr(st: os.stat_result) -> Attr:
-    return Attr(
-        ino=st.st_ino, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev,
-        size=st.st_size, blocks=st.st_blocks, blksize=st.st_blksize,
-        atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
-    )
+_attr = Attr.from_stat
 
 
 def _proc(fd: int) -> bytes:
@@ -439,7 +434,7 @@ class Mirror(Operations):
     def statfs(self, ctx: Context, ino: int) -> StatfsReply:
         with self._pinned(ino) as fd:
             s = os.fstatvfs(fd)
-        return StatfsReply(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize, s.f_namemax, s.f_frsize)
+        return StatfsReply.from_statvfs(s)
 
     # --- namespace ------------------------------------------------------------------------
 

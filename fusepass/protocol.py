@@ -680,7 +680,13 @@ class Parser:
 
 @dataclass(slots=True)
 class Attr:
-    """What ``stat`` shows for one inode. Times are nanoseconds since the epoch."""
+    """What ``stat`` shows for one inode. Times are nanoseconds since the epoch.
+
+    ``ino`` is what ``st_ino`` shows; it need not be the node id the kernel uses, but it
+    should stay the same for the life of the file. ``mode`` carries the file type bits
+    (``stat.S_IFREG | 0o644``); a mode without a valid type makes the kernel fail the
+    request with EIO. ``blksize`` 0 means the kernel's default.
+    """
 
     ino: int
     mode: int
@@ -695,17 +701,58 @@ class Attr:
     mtime_ns: int = 0
     ctime_ns: int = 0
 
+    @classmethod
+    def from_stat(cls, st: os.stat_result, ino: int | None = None) -> Attr:
+        """The attributes of an ``os.stat_result`` (or anything with its ``st_*`` fields),
+        with ``ino`` in place of ``st_ino`` if given."""
+        return cls(
+            ino=st.st_ino if ino is None else ino, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid,
+            gid=st.st_gid, rdev=st.st_rdev, size=st.st_size, blocks=st.st_blocks, blksize=st.st_blksize,
+            atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+        )
+
 
 @dataclass(slots=True)
 class Entry:
     """A name's answer: the node id the kernel will use, its attributes and how long
-    both may be cached (seconds)."""
+    both may be cached (seconds).
+
+    The kernel counts every Entry it receives as one lookup of ``nodeid`` (from LOOKUP,
+    MKNOD, MKDIR, SYMLINK, LINK, CREATE, TMPFILE and READDIRPLUS) and later gives the
+    same total back through ``Operations.forget``: keep the node, and never give its id
+    to another object, until then. ``nodeid`` is never 0 or 1 (the root). The pair
+    (``nodeid``, ``generation``) must never name two different objects in one mount.
+    """
 
     nodeid: int
     attr: Attr
     entry_timeout: float
     attr_timeout: float
     generation: int = 0
+
+    @classmethod
+    def from_stat(
+        cls, nodeid: int, st: os.stat_result, entry_timeout: float = 1.0, attr_timeout: float = 1.0,
+        generation: int = 0,
+    ) -> Entry:
+        """An entry for node ``nodeid`` whose attributes are ``st`` (``st_ino`` is what
+        ``stat`` shows; ``nodeid`` is what the kernel uses)."""
+        return cls(nodeid, Attr.from_stat(st), entry_timeout, attr_timeout, generation)
+
+
+def decode_name(name: bytes) -> str:
+    """A name from a request as ``str``: the file system encoding with surrogate escapes
+    (``os.fsdecode``), so that any byte string survives ``encode_name`` unchanged."""
+    return os.fsdecode(name)
+
+
+def encode_name(name: str | bytes) -> bytes:
+    """A name for a reply (readdir, xattr lists): ``str`` encoded as ``os.fsencode`` does.
+    Raises ValueError for what the kernel would refuse: an empty name, or one with "/" or NUL."""
+    raw = os.fsencode(name)
+    if not raw or b"/" in raw or b"\0" in raw:
+        raise ValueError(f"invalid file name {name!r}")
+    return raw
 
 
 _MAX_TIMEOUT = float(1 << 62)  # far beyond any cache lifetime; the kernel saturates it anyway
@@ -784,6 +831,9 @@ def init_body(
 
 @dataclass(slots=True, frozen=True)
 class StatfsReply:
+    """What ``statvfs`` shows: counts of blocks (of ``frsize`` bytes) and inodes, the
+    preferred I/O size ``bsize`` and the longest name ``namelen``."""
+
     blocks: int
     bfree: int
     bavail: int
@@ -792,6 +842,12 @@ class StatfsReply:
     bsize: int
     namelen: int
     frsize: int
+
+    @classmethod
+    def from_statvfs(cls, st: os.statvfs_result) -> StatfsReply:
+        """The figures of an ``os.statvfs_result``, e.g. of the directory a filesystem mirrors."""
+        return cls(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree, st.f_bsize, st.f_namemax,
+                   st.f_frsize)
 
 
 def statfs_body(s: StatfsReply) -> bytes:

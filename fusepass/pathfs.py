@@ -82,7 +82,8 @@ class PathOperations:
 
     # lifecycle
     def init(self, conn: ConnectionInfo) -> None:
-        """Called once the kernel connected, before any other request."""
+        """Called once the kernel connected, before any other request; may still change the
+        timeouts and ``use_ino``."""
 
     def destroy(self) -> None:
         """Called once after the last request."""
@@ -373,6 +374,11 @@ class PathFS(Operations):
         # Truncation on open arrives as SETATTR, so a path filesystem needs only ``truncate``.
         conn.want &= ~abi.InitFlag.ATOMIC_O_TRUNC
         self.fs.init(conn)
+        # ``init`` may still choose the cache times (fusepy programs set them there).
+        self.entry_timeout = self.fs.entry_timeout
+        self.attr_timeout = self.fs.attr_timeout
+        self.negative_timeout = self.fs.negative_timeout
+        self._use_ino = self.fs.use_ino
 
     def destroy(self) -> None:
         try:

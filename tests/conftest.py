@@ -54,7 +54,7 @@ class ServerProcess:
             env = {**(os.environ if env is None else env), "XDG_RUNTIME_DIR": str(run)}
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                self.argv + ["--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                self.command(w), pass_fds=(w,), stdin=subprocess.DEVNULL,
                 stdout=err, stderr=err, env=env, **kwargs,
             )
         os.close(w)
@@ -68,6 +68,10 @@ class ServerProcess:
             raise RuntimeError(f"server did not become ready ({line!r}); log:\n{self.log()}")
         self.connection = mountmod.connection_id(str(self.mountpoint))
         return self
+
+    def command(self, ready_fd: int) -> list[str]:
+        """The server's command line, telling it where to report readiness."""
+        return self.argv + ["--ready-fd", str(ready_fd)]
 
     def log(self) -> str:
         try:

@@ -15,15 +15,17 @@ from fusepass import control
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_hello_shows_one_file(start_server: Callable[..., ServerProcess]) -> None:
-    mnt = Path(start_server(python_module("fusepass.examples.hello")).mountpoint)
+@pytest.mark.parametrize("example, write_errno", [("hello", errno.ENOSYS), ("hello_inodes", errno.ENOSYS)])
+def test_hello_shows_one_file(start_server: Callable[..., ServerProcess], example: str, write_errno: int) -> None:
+    mnt = Path(start_server(python_module(f"fusepass.examples.{example}")).mountpoint)
     assert os.listdir(mnt) == ["hello"]
     assert (mnt / "hello").read_bytes() == b"hello, world\n"
+    assert os.stat(mnt / "hello").st_size == 13
     with pytest.raises(FileNotFoundError):
         os.stat(mnt / "other")
     with pytest.raises(OSError) as info:
         (mnt / "new").write_bytes(b"x")
-    assert info.value.errno == errno.ENOSYS
+    assert info.value.errno == write_errno
 
 
 def test_readonly_view_passes_data_through_and_refuses_changes(

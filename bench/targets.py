@@ -128,9 +128,12 @@ class Peer(Target):
         self.script = script
         self.unavailable = unavailable
 
+    def command(self, source: str, mnt: str) -> list[str]:
+        return [str(envmod.venv_python()), str(self.script), source, mnt]
+
     @contextlib.contextmanager
     def mounted(self, source: str, mnt: str, logfile: str) -> Iterator[Mounted]:
-        cmd = [str(envmod.venv_python()), str(self.script), source, mnt]
+        cmd = self.command(source, mnt)
         with open(logfile, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)

@@ -140,6 +140,9 @@ class Bridge(PathOperations):
             if self._overrides(name):
                 raise Unsupported(f"the program implements {name}(), which fusepass does not serve")
         self._provided = {name for name in flavour.ops if flavour.provided(operations, name)}
+        # mfusepy passes create the open flags too, unless it is declared create(path, mode).
+        self._create_flags = flavour.name == "mfusepy" and "create" in self._provided and \
+            len(inspect.signature(operations.create).parameters) != 2
         if flavour.name == "mfusepy" and self._overrides("readdir_with_offset"):
             self._provided.add("readdir")
 
@@ -333,7 +336,7 @@ class Bridge(PathOperations):
         p = self._path(path)
         if self.raw_fi:
             self.call("create", p, mode, fi)
-        elif self.flavour.name == "mfusepy" and len(inspect.signature(self.operations.create).parameters) != 2:
+        elif self._create_flags:
             fi.fh = self.call("create", p, mode, flags) or 0
         else:
             fi.fh = self.call("create", p, mode) or 0

@@ -1,0 +1,92 @@
+"""``python -m bench.compat [--quick]``: one loopback filesystem three ways (issue 13).
+
+``mfusepy`` runs bench/peers/mfusepy_loopback.py on mfusepy (libfuse 3); ``fusepass-compat`` runs
+the same file, unchanged, through ``python -m fusepass.compat``; ``fusepass-paths`` is
+``fusepass.examples.path_loopback`` (the path layer, passthrough on). ``native`` is the source
+itself. Sequential read, 4 KiB random reads, stat of each file (after creating them) and untar,
+with the inputs, steps and rules of ``python -m bench``; prints a Markdown table. Needs mfusepy
+in this interpreter (``pip install -e '.[test]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+
+from . import environment as envmod
+from . import report, workloads
+from .targets import Native, Peer, Target
+
+STEP_IDS = ("seqread", "randread1", "meta-create", "meta-stat", "untar")
+
+
+class ThisPython(Peer):
+    """A filesystem program run by this interpreter (which has mfusepy and fusepass)."""
+
+    def __init__(self, name: str, label: str, argv: list[str]) -> None:
+        super().__init__(name, label, envmod.MFUSEPY_LOOPBACK, None)
+        self.argv = argv
+
+    def command(self, source: str, mnt: str) -> list[str]:
+        return [sys.executable, *self.argv, source, mnt]
+
+
+def targets() -> list[Target]:
+    loopback = str(envmod.MFUSEPY_LOOPBACK)
+    return [
+        Native(),
+        ThisPython("mfusepy", "mfusepy loopback", [loopback]),
+        ThisPython("fusepass-compat", "the same file, python -m fusepass.compat", ["-m", "fusepass.compat", loopback]),
+        ThisPython("fusepass-paths", "path_loopback, passthrough on",
+                   ["-m", "fusepass.examples.path_loopback", "--passthrough", "on"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compat", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--workdir", default="/var/tmp/fusepass-bench-compat")
+    args = parser.parse_args(argv)
+    params = replace(workloads.QUICK if args.quick else workloads.FULL, rounds=args.rounds)
+    steps = [s for s in workloads.STEPS if s.id in STEP_IDS]
+    work = os.path.abspath(args.workdir)
+    workloads.prepare(work, params, print)
+    results: dict[tuple[str, str], list[float]] = {}
+    configs = targets()
+    logs = tempfile.mkdtemp(prefix="bench-compat-logs-")
+    for r in range(params.rounds):
+        for t in configs[r % len(configs):] + configs[:r % len(configs)]:
+            tag = f"{t.name}-r{r + 1}"
+            mnt = os.path.join(work, "mnt", t.name)
+            os.makedirs(mnt, exist_ok=True)
+            workloads.prepare_round(work, tag, steps)
+            try:
+                with t.mounted(os.path.join(work, "src"), mnt, os.path.join(logs, f"{tag}.log")) as m:
+                    for step in steps:
+                        ctx = workloads.Context(base=m.path, scratch=os.path.join(m.path, "scratch", tag), work=work,
+                                                params=params, timeout=step.timeout(params))
+                        value = step.run(ctx)
+                        results.setdefault((t.name, step.id), []).append(value)
+                        print(f"r{r + 1} {t.name:<16} {step.id:<12} {report.fmt(value)} {step.unit}", flush=True)
+            finally:
+                workloads.cleanup_round(work, tag)
+    print()
+    print("| workload | unit | " + " | ".join(t.name for t in configs) + " |")
+    print("|---|---|" + "---|" * len(configs))
+    for step in steps:
+        cells = []
+        for t in configs:
+            values = results.get((t.name, step.id))
+            cells.append(report.fmt(statistics.median(values)) if values else "-")
+        print(f"| {step.id}: {step.label} | {step.unit} | " + " | ".join(cells) + " |")
+    print(f"\nserver logs: {logs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

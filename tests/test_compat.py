@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import REPO, ServerProcess
 
-from fusepass import control
+from fusepass import cli, control
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -169,6 +169,7 @@ def raw_file_info(mnt: Path) -> dict[str, Any]:
         "opens": [(mnt / "opens").read_bytes() for _ in range(2)],
         "write": outcome(lambda: os.open(mnt / "a", os.O_WRONLY)),
         "listing": sorted(os.listdir(mnt)),
+        "whoami": (mnt / "whoami").read_bytes(),
     }
 
 
@@ -176,6 +177,7 @@ def test_a_raw_fi_program_sets_and_gets_its_file_info(run_program: Any) -> None:
     r = compare(run_program, "rawfi.py", "mfusepy", raw_file_info)
     assert r["a"] == b"alpha\n" and r["b"] == b"bravo bravo\n" and r["write"] == "EROFS"
     assert r["opens"] == [b"open 3 of 3\n", b"open 4 of 4\n"]  # direct_io: the size is not trusted
+    assert r["whoami"] == f"uid={os.getuid()} gid={os.getgid()} pid={os.getpid()}\n".encode()  # fuse_get_context
 
 
 def nanosecond_times(mnt: Path) -> dict[str, Any]:
@@ -225,6 +227,24 @@ def test_what_fusepass_cannot_do_stops_the_program_with_its_name(tmp_path: Path,
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fusepass.compat: ") and missing in last
     assert "Traceback" not in done.stderr
+
+
+def test_without_foreground_the_program_goes_to_the_background(tmp_path: Path) -> None:
+    program = tmp_path / "daemon.py"
+    program.write_text("import sys\nimport mfusepy\n"
+                       "class Fs(mfusepy.Operations):\n    use_ns = True\n"
+                       "mfusepy.FUSE(Fs(), sys.argv[1])\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    server = Launched([str(program), str(mnt)], mnt, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        server.start()
+        assert server.proc is not None and server.proc.wait(10) == 0  # the launcher returned; the mount stays
+        daemon = int(control.query(str(mnt), timeout=5)["pid"])
+        assert daemon != server.proc.pid and stat.S_ISDIR(os.stat(mnt).st_mode)
+    finally:
+        server.cleanup()
+    assert cli.wait_for_exit(daemon, 10), "the background server did not end at unmount"
 
 
 def test_the_launcher_explains_its_usage() -> None:

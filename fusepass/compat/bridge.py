@@ -189,7 +189,10 @@ class Bridge(PathOperations):
     def _path(self, path: str) -> str:
         if self._fsenc:
             return path
-        return os.fsencode(path).decode(self.encoding, self.errors)
+        try:
+            return os.fsencode(path).decode(self.encoding, self.errors)
+        except UnicodeError as e:  # what libfuse's bindings answer when a name does not decode
+            raise OSError(errno.EINVAL, f"name is not {self.encoding}") from e
 
     def _encode(self, name: str) -> bytes:
         return name.encode(self.encoding, self.errors)

@@ -18,26 +18,28 @@ class RawFi(fuse.Operations):
     def getattr(self, path, fh=None):
         if path == "/":
             return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
-        if path == "/opens":
+        if path in ("/opens", "/whoami"):
             return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": 64}
         if path not in FILES:
             raise fuse.FuseOSError(errno.ENOENT)
         return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": len(FILES[path])}
 
     def readdir(self, path, fh):
-        return [".", "..", "a", "b", "opens"]
+        return [".", "..", "a", "b", "opens", "whoami"]
 
     def open(self, path, fi):
         if fi.flags & 3 != 0:
             raise fuse.FuseOSError(errno.EROFS)
         self.opens += 1
         fi.fh = self.opens
-        fi.direct_io = path == "/opens"  # its size is a guess: read until the end
+        fi.direct_io = path in ("/opens", "/whoami")  # their size is a guess: read until the end
         return 0
 
     def read(self, path, size, offset, fi):
         if path == "/opens":
             return f"open {fi.fh} of {self.opens}\n".encode()[offset:offset + size]
+        if path == "/whoami":
+            return "uid={} gid={} pid={}\n".format(*fuse.fuse_get_context()).encode()[offset:offset + size]
         return FILES[path][offset:offset + size]
 
 

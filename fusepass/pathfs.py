@@ -37,7 +37,7 @@ from typing import Any
 
 from . import abi
 from .ops import ROOT_ID, Attr, Changes, ConnectionInfo, Context, DirListing, Entry, Opened, Operations, StatfsReply
-from .protocol import decode_name, encode_name
+from .protocol import name_bytes, name_str
 
 __all__ = ["DirEntry", "OpenResult", "PathFS", "PathOperations", "Stat", "context"]
 
@@ -313,7 +313,7 @@ class PathFS(Operations):
 
     def _child_path(self, parent: int, name: bytes) -> tuple[_Node, str, str]:
         pnode = self._node(parent)
-        sname = decode_name(name)
+        sname = name_str(name)
         return pnode, sname, _join(pnode.path, sname)
 
     def _attr(self, st: Stat, nodeid: int) -> Attr:
@@ -653,11 +653,11 @@ class PathFS(Operations):
 
     def getxattr(self, ctx: Context, ino: int, name: bytes) -> bytes:
         _current.ctx = ctx
-        return bytes(self.fs.getxattr(self._path(ino), decode_name(name)))
+        return bytes(self.fs.getxattr(self._path(ino), name_str(name)))
 
     def setxattr(self, ctx: Context, ino: int, name: bytes, value: bytes, flags: int) -> None:
         _current.ctx = ctx
-        self.fs.setxattr(self._path(ino), decode_name(name), value, flags)
+        self.fs.setxattr(self._path(ino), name_str(name), value, flags)
 
     def listxattr(self, ctx: Context, ino: int) -> list[bytes]:
         _current.ctx = ctx
@@ -665,7 +665,7 @@ class PathFS(Operations):
 
     def removexattr(self, ctx: Context, ino: int, name: bytes) -> None:
         _current.ctx = ctx
-        self.fs.removexattr(self._path(ino), decode_name(name))
+        self.fs.removexattr(self._path(ino), name_str(name))
 
 
 _RENAME_EXCHANGE = 2
@@ -693,9 +693,9 @@ def _rename_node(node: _Node, old_parent: _Node, old: str, parent: _Node, name: 
 def _dirent(item: DirEntry | Any) -> tuple[bytes, Attr]:
     """One ``readdir`` item as (name, the attributes a listing record needs)."""
     if isinstance(item, str | bytes):
-        return encode_name(item), Attr(UNKNOWN_INO, 0)
+        return name_bytes(item), Attr(UNKNOWN_INO, 0)
     name, st = item[0], item[1]
     if st is None:
-        return encode_name(name), Attr(UNKNOWN_INO, 0)
+        return name_bytes(name), Attr(UNKNOWN_INO, 0)
     attr = st if isinstance(st, Attr) else Attr.from_stat(st)
-    return encode_name(name), Attr(attr.ino or UNKNOWN_INO, stat.S_IFMT(attr.mode))
+    return name_bytes(name), Attr(attr.ino or UNKNOWN_INO, stat.S_IFMT(attr.mode))

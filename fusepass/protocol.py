@@ -740,14 +740,14 @@ class Entry:
         return cls(nodeid, Attr.from_stat(st), entry_timeout, attr_timeout, generation)
 
 
-def decode_name(name: bytes) -> str:
+def name_str(name: bytes) -> str:
     """A name from a request as ``str``: the file system encoding with surrogate escapes
-    (``os.fsdecode``), so that any byte string survives ``encode_name`` unchanged."""
+    (``os.fsdecode``), so that any byte string survives ``name_bytes`` unchanged."""
     return os.fsdecode(name)
 
 
-def encode_name(name: str | bytes) -> bytes:
-    """A name for a reply (readdir, xattr lists): ``str`` encoded as ``os.fsencode`` does.
+def name_bytes(name: str | bytes) -> bytes:
+    """A file name for a reply (a readdir entry): ``str`` encoded as ``os.fsencode`` does.
     Raises ValueError for what the kernel would refuse: an empty name, or one with "/" or NUL."""
     raw = os.fsencode(name)
     if not raw or b"/" in raw or b"\0" in raw:

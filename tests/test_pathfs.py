@@ -14,7 +14,8 @@ import pytest
 import test_memfs
 from conftest import NOBODY, ServerProcess, poll_until, python_module, run_as
 
-from fusepass import control
+from fusepass import Attr, Entry, StatfsReply, control
+from fusepass.protocol import name_bytes, name_str
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,3 +164,30 @@ def test_path_memfs_files_belong_to_their_creator(public_tmp: Path,
         return st.st_uid, st.st_gid
 
     assert run_as(*NOBODY, create) == NOBODY
+
+
+# --- the helpers every author needs (no mount) ------------------------------------------------------
+
+
+def test_names_survive_the_round_trip_whatever_their_bytes() -> None:
+    for raw in (b"plain", "caf\u00e9".encode(), b"\xff\xfe not utf-8", b"\x01"):
+        assert name_bytes(name_str(raw)) == raw
+    for bad in ("", "a/b", "nul\0"):
+        with pytest.raises(ValueError):
+            name_bytes(bad)
+
+
+def test_stat_results_become_attributes_entries_and_statfs_replies(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"12345")
+    st = os.lstat(f)
+    attr = Attr.from_stat(st)
+    assert (attr.ino, attr.mode, attr.size, attr.nlink, attr.mtime_ns) == (st.st_ino, st.st_mode, 5, 1,
+                                                                            st.st_mtime_ns)
+    assert Attr.from_stat(st, ino=7).ino == 7
+    entry = Entry.from_stat(42, st, entry_timeout=2.0, attr_timeout=3.0)
+    assert (entry.nodeid, entry.attr, entry.entry_timeout, entry.attr_timeout) == (42, attr, 2.0, 3.0)
+    sv = os.statvfs(tmp_path)
+    reply = StatfsReply.from_statvfs(sv)
+    assert (reply.blocks, reply.bsize, reply.namelen, reply.frsize) == (sv.f_blocks, sv.f_bsize, sv.f_namemax,
+                                                                       sv.f_frsize)

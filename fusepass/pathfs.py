@@ -153,7 +153,10 @@ class PathOperations:
         Return your handle (an int given back to read, write, release...), a real file's path
         to pass it through (the layer opens and closes it; your handle is then its
         descriptor), or an ``Opened`` for full control (its ``backing_fd`` stays yours: close
-        it in ``release``). Without ``open`` every open succeeds with handle 0."""
+        it in ``release``). Without ``open`` every open succeeds with handle 0.
+
+        A returned path is opened with the server's credentials: mount with
+        ``default_permissions`` so that the kernel checks the caller's, or check them here."""
         raise OSError(errno.ENOSYS, "open")
 
     def create(self, path: str, mode: int, flags: int) -> OpenResult:

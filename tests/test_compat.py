@@ -247,6 +247,27 @@ def test_without_foreground_the_program_goes_to_the_background(tmp_path: Path) -
     assert cli.wait_for_exit(daemon, 10), "the background server did not end at unmount"
 
 
+def test_a_critical_exception_in_a_handler_unmounts_and_ends_the_program_with_it(tmp_path: Path) -> None:
+    program = tmp_path / "quits.py"
+    program.write_text("import errno, stat, sys\nimport mfusepy\n"
+                       "class Fs(mfusepy.Operations):\n    use_ns = True\n"
+                       "    def getattr(self, path, fh=None):\n"
+                       "        if path == '/quit':\n            raise SystemExit(7)\n"
+                       "        return {'st_mode': stat.S_IFDIR | 0o755, 'st_nlink': 2}\n"
+                       "mfusepy.FUSE(Fs(), sys.argv[1], foreground=True)\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    server = Launched([str(program), str(mnt)], mnt, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        server.start()
+        with pytest.raises(OSError):
+            os.stat(mnt / "quit")
+        assert server.proc is not None and server.proc.wait(20) == 7  # FUSE(...) raised the SystemExit
+        assert not server.mounted()
+    finally:
+        server.cleanup()
+
+
 def test_the_launcher_explains_its_usage() -> None:
     done = subprocess.run([sys.executable, "-m", "fusepass.compat"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "usage: python -m fusepass.compat" in done.stderr

@@ -168,7 +168,7 @@ def raw_file_info(mnt: Path) -> dict[str, Any]:
         "a": (mnt / "a").read_bytes(), "b": (mnt / "b").read_bytes(),
         "opens": [(mnt / "opens").read_bytes() for _ in range(2)],
         "write": outcome(lambda: os.open(mnt / "a", os.O_WRONLY)),
-        "listing": sorted(os.listdir(mnt)),
+        "listing": sorted((e.name, e.is_file(follow_symlinks=False)) for e in os.scandir(mnt)),
         "whoami": (mnt / "whoami").read_bytes(),
     }
 
@@ -176,6 +176,7 @@ def raw_file_info(mnt: Path) -> dict[str, Any]:
 def test_a_raw_fi_program_sets_and_gets_its_file_info(run_program: Any) -> None:
     r = compare(run_program, "rawfi.py", "mfusepy", raw_file_info)
     assert r["a"] == b"alpha\n" and r["b"] == b"bravo bravo\n" and r["write"] == "EROFS"
+    assert r["listing"] == [("a", True), ("b", True), ("opens", True), ("whoami", True)]  # types from the tuples
     assert r["opens"] == [b"open 3 of 3\n", b"open 4 of 4\n"]  # direct_io: the size is not trusted
     assert r["whoami"] == f"uid={os.getuid()} gid={os.getgid()} pid={os.getpid()}\n".encode()  # fuse_get_context
 
@@ -183,12 +184,13 @@ def test_a_raw_fi_program_sets_and_gets_its_file_info(run_program: Any) -> None:
 def nanosecond_times(mnt: Path) -> dict[str, Any]:
     os.utime(mnt / "f", ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
     st = os.stat(mnt / "f")
-    return {"times": (st.st_atime_ns, st.st_mtime_ns)}
+    return {"times": (st.st_atime_ns, st.st_mtime_ns), "listing": os.listdir(mnt)}
 
 
 def test_use_ns_keeps_nanoseconds_both_ways(run_program: Any) -> None:
     r = compare(run_program, "nstimes.py", "mfusepy", nanosecond_times)
     assert r["times"] == (1_500_000_000_123_456_789, 1_600_000_000_987_654_321)
+    assert r["listing"] == ["f"]  # from readdir_with_offset
 
 
 def failing_handlers(mnt: Path) -> dict[str, Any]:

@@ -24,8 +24,10 @@ class Times(fuse.Operations):
         return {"st_mode": stat.S_IFREG | 0o644, "st_nlink": 1, "st_atime": atime, "st_mtime": mtime,
                 "st_ctime": mtime}
 
-    def readdir(self, path, fh):
-        return [".", ".."] + [p[1:] for p in self.times]
+    def readdir_with_offset(self, path, offset, fh):  # mfusepy's resumable listing
+        names = [".", ".."] + sorted(p[1:] for p in self.times)
+        for cookie, name in enumerate(names[offset:], offset + 1):
+            yield name, {"st_mode": stat.S_IFREG}, cookie
 
     def utimens(self, path, times=None):
         self.times[path] = times if times else (time.time_ns(), time.time_ns())

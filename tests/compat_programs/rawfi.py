@@ -24,8 +24,9 @@ class RawFi(fuse.Operations):
             raise fuse.FuseOSError(errno.ENOENT)
         return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": len(FILES[path])}
 
-    def readdir(self, path, fh):
-        return [".", "..", "a", "b", "opens", "whoami"]
+    def readdir(self, path, fh):  # (name, attrs, 0) tuples; mfusepy also takes the mode alone
+        return [(".", {"st_mode": stat.S_IFDIR}, 0), ("..", stat.S_IFDIR, 0)] + [
+            (name, {"st_mode": stat.S_IFREG | 0o444}, 0) for name in ("a", "b", "opens", "whoami")]
 
     def open(self, path, fi):
         if fi.flags & 3 != 0:

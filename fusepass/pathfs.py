@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import stat
 import threading
@@ -68,13 +69,16 @@ class PathOperations:
 
     Class attributes: ``entry_timeout`` and ``attr_timeout`` (seconds the kernel may cache
     a name and attributes), ``negative_timeout`` (how long "no such file" is cached),
-    ``use_ino`` (show the ``st_ino`` you return; otherwise ``stat`` shows the node id).
+    ``use_ino`` (show the ``st_ino`` you return; otherwise ``stat`` shows the node id),
+    ``readdirplus`` (your ``readdir`` yields each name with its whole stat: the kernel then
+    gets attributes with the names, and ``ls -l`` needs no lookup per name).
     """
 
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     negative_timeout: float = 0.0
     use_ino: bool = True
+    readdirplus: bool = False
 
     def implements(self, name: str) -> bool:
         """Whether handler ``name`` is served; by default, whether a subclass overrides it."""
@@ -251,7 +255,7 @@ class _Handle:
 @dataclass(slots=True)
 class _Dir:
     fh: int
-    entries: list[tuple[bytes, Attr]] | None = None
+    entries: list[tuple[bytes, Attr, Attr | None]] | None = None  # (name, type and d_ino, full stat)
 
 
 # The inode handlers, and the path handlers any one of which makes the layer serve it.
@@ -276,8 +280,6 @@ class PathFS(Operations):
     whose class overrides exactly the handlers ``fs`` can answer, so that the session
     answers the others ENOSYS without calling Python."""
 
-    readdirplus = False
-
     def __new__(cls, fs: PathOperations) -> PathFS:
         missing = frozenset(h for h, needs in _NEEDS.items() if not any(fs.implements(n) for n in needs))
         with _classes_lock:
@@ -292,6 +294,7 @@ class PathFS(Operations):
         self.entry_timeout = fs.entry_timeout
         self.attr_timeout = fs.attr_timeout
         self.negative_timeout = fs.negative_timeout
+        self.readdirplus = fs.readdirplus
         self._use_ino = fs.use_ino
         self._has = {name for needs in _NEEDS.values() for name in needs if fs.implements(name)}
         self._has.update(n for n in ("opendir", "release", "releasedir") if fs.implements(n))
@@ -634,10 +637,21 @@ class PathFS(Operations):
         if offset == 0 or d.entries is None:
             d.entries = [_dirent(item) for item in self.fs.readdir(self._path(ino), d.fh)]
         entries = d.entries
+        plus = listing.plus
+        pnode = self._node(ino) if plus else None
         for index in range(offset, len(entries)):
-            name, attr = entries[index]
-            if not listing.add(name, index + 1, attr):
+            name, attr, full = entries[index]
+            lookup = None
+            if plus and full is not None and pnode is not None:
+                lookup = functools.partial(self._plus_entry, pnode, name, full)
+            if not listing.add(name, index + 1, attr, lookup):
                 break
+
+    def _plus_entry(self, pnode: _Node, name: bytes, attr: Attr) -> Entry:
+        """A READDIRPLUS record's entry: one lookup of the named node, as LOOKUP would count."""
+        sname = name_str(name)
+        node = self._remember(pnode, sname, _join(pnode.path, sname))
+        return Entry(node.nodeid, self._attr(attr, node.nodeid), self.entry_timeout, self.attr_timeout)
 
     def releasedir(self, ctx: Context, ino: int, fh: int) -> None:
         _current.ctx = ctx
@@ -693,12 +707,12 @@ def _rename_node(node: _Node, old_parent: _Node, old: str, parent: _Node, name: 
         stack.extend(n.children.values())
 
 
-def _dirent(item: DirEntry | Any) -> tuple[bytes, Attr]:
-    """One ``readdir`` item as (name, the attributes a listing record needs)."""
+def _dirent(item: DirEntry | Any) -> tuple[bytes, Attr, Attr | None]:
+    """One ``readdir`` item as (name, what a READDIR record needs, the whole stat if given)."""
     if isinstance(item, str | bytes):
-        return name_bytes(item), Attr(UNKNOWN_INO, 0)
+        return name_bytes(item), Attr(UNKNOWN_INO, 0), None
     name, st = item[0], item[1]
     if st is None:
-        return name_bytes(name), Attr(UNKNOWN_INO, 0)
+        return name_bytes(name), Attr(UNKNOWN_INO, 0), None
     attr = st if isinstance(st, Attr) else Attr.from_stat(st)
-    return name_bytes(name), Attr(attr.ino or UNKNOWN_INO, stat.S_IFMT(attr.mode))
+    return name_bytes(name), Attr(attr.ino or UNKNOWN_INO, stat.S_IFMT(attr.mode)), attr

@@ -24,6 +24,7 @@ AT_FDCWD = -100
 
 
 class Loopback(PathOperations):
+    readdirplus = True  # readdir yields every name's stat
     def __init__(self, source: str) -> None:
         self.source = os.path.realpath(source)
         if not os.path.isdir(self.source):

@@ -55,6 +55,8 @@ class Node:
 class PathMemFS(PathOperations):
     """All state behind one lock: handlers run on several worker threads."""
 
+    readdirplus = True  # readdir yields every name's attributes
+
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.root = Node(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), nlink=2, ino=1)

@@ -19,6 +19,7 @@ from fusepass.serve import run_foreground
 
 
 class ReadOnly(PathOperations):
+    readdirplus = True  # readdir yields every name's stat
     entry_timeout = attr_timeout = 5.0  # nothing changes through the mount
 
     def __init__(self, source: str) -> None:

@@ -239,7 +239,8 @@ class Operations:
     def init(self, conn: ConnectionInfo) -> None:
         """Called with what INIT negotiated, before the kernel gets its reply and before any
         other request. May clear or set flags in ``conn.want`` (``abi.InitFlag``); a flag the
-        kernel did not offer is dropped. Raising fails the mount."""
+        kernel did not offer is dropped. Keep ``conn.notifier`` to drop what the kernel cached
+        when something changes behind its back. Raising fails the mount."""
 
     def destroy(self) -> None:
         """Called once when the session ends, after the last request (the mount is gone)."""

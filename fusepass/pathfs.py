@@ -32,11 +32,12 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import abi
+from .notify import Notifier
 from .ops import ROOT_ID, Attr, Changes, ConnectionInfo, Context, DirListing, Entry, Opened, Operations, StatfsReply
 from .protocol import name_bytes, name_str
 
@@ -79,6 +80,9 @@ class PathOperations:
     negative_timeout: float = 0.0
     use_ino: bool = True
     readdirplus: bool = False
+    #: The ``PathFS`` serving this filesystem, set when it is wrapped: its ``invalidate`` and
+    #: ``invalidate_name`` drop what the kernel cached of a path.
+    layer: PathFS | None = None
 
     def implements(self, name: str) -> bool:
         """Whether handler ``name`` is served; by default, whether a subclass overrides it."""
@@ -305,6 +309,48 @@ class PathFS(Operations):
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
+        self._notifier: Notifier | None = None
+        fs.layer = self
+
+    # --- telling the kernel what changed --------------------------------------------------
+
+    def nodeid(self, path: str) -> int | None:
+        """The node id the kernel knows ``path`` by, or None if it holds none (then it has
+        nothing of it cached either)."""
+        with self._lock:
+            node: _Node | None = self._nodes[ROOT_ID]
+            for part in filter(None, path.split("/")):
+                node = node.children.get(part) if node is not None else None
+            return node.nodeid if node is not None else None
+
+    def invalidate(self, path: str, data: bool = True) -> bool:
+        """Drop the attributes the kernel cached for ``path``, and its cached data unless
+        ``data`` is False, after ``path`` changed other than through the mount. False if the
+        kernel held nothing of it. Not from a handler of ``path`` itself: the kernel may be
+        holding that file's lock while it waits for the handler (call it from another
+        thread, or from a handler of another file)."""
+        nodeid = self.nodeid(path)
+        if nodeid is None:
+            return False
+        return self._notify(lambda n: n.invalidate_inode(nodeid, 0 if data else -1))
+
+    def invalidate_name(self, path: str) -> bool:
+        """Make the kernel look ``path`` up again next time (it was removed, renamed or
+        replaced other than through the mount). False if the kernel held no such name."""
+        head, _, name = path.rstrip("/").rpartition("/")
+        parent = self.nodeid(head or "/")
+        if parent is None or not name:
+            return False
+        return self._notify(lambda n: n.invalidate_entry(parent, name_bytes(name)))
+
+    def _notify(self, send: Callable[[Notifier], None]) -> bool:
+        if self._notifier is None:
+            raise OSError(errno.ENOTCONN, "the filesystem is not mounted yet")
+        try:
+            send(self._notifier)
+        except FileNotFoundError:  # the kernel let go of it meanwhile: nothing cached
+            return False
+        return True
 
     # --- the table ------------------------------------------------------------------------
 
@@ -379,6 +425,7 @@ class PathFS(Operations):
     def init(self, conn: ConnectionInfo) -> None:
         # Truncation on open arrives as SETATTR, so a path filesystem needs only ``truncate``.
         conn.want &= ~abi.InitFlag.ATOMIC_O_TRUNC
+        self._notifier = conn.notifier
         self.fs.init(conn)
         # ``init`` may still choose the cache times (fusepy programs set them there).
         self.entry_timeout = self.fs.entry_timeout

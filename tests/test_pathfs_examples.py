@@ -49,3 +49,30 @@ def test_readonly_view_passes_data_through_and_refuses_changes(
     if status["passthrough"]["negotiated"]:
         assert status["passthrough"]["opens"] >= 1 and "READ" not in status["requests"]
     assert (src / "sub" / "data").read_bytes() == data and sorted(os.listdir(src)) == ["link", "sub"]
+
+
+def test_counter_stays_true_under_an_hour_long_cache(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(python_module("fusepass.examples.counter"))
+    mnt = Path(server.mountpoint)
+    count = mnt / "count"
+    assert count.read_bytes() == b"0\n"
+    reads = control.query(str(mnt), timeout=5)["requests"]["READ"]["count"]
+    assert count.read_bytes() == b"0\n"  # from the kernel's cache: keep_cache
+    assert control.query(str(mnt), timeout=5)["requests"]["READ"]["count"] == reads
+    for n in range(1, 11):
+        with open(mnt / "bump", "wb") as f:
+            f.write(b"+")
+        assert count.read_bytes() == f"{n}\n".encode()  # the bump dropped the cached data
+    assert os.stat(count).st_size == 3  # and the cached size: "10\n"
+
+
+def test_invalidating_a_path_the_kernel_never_looked_up_is_a_no_op() -> None:
+    from fusepass.examples.counter import Counter
+    from fusepass.pathfs import PathFS
+
+    layer = PathFS(Counter())
+    assert layer.nodeid("/") == 1 and layer.nodeid("/count") is None
+    assert layer.invalidate("/count") is False and layer.invalidate_name("/dir/count") is False
+    with pytest.raises(OSError) as info:  # a known node before INIT: nothing to send it through
+        layer.invalidate_name("/count")
+    assert info.value.errno == errno.ENOTCONN

@@ -39,6 +39,19 @@ class Reference(ServerProcess):
         return [sys.executable, str(PROGRAMS / "reference.py"), "--ready-fd", str(ready_fd), *self.argv]
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _inline(tmp_path: Path, source: str) -> Launched:
+    """A program written here, to be run through the launcher on ``tmp_path/mnt`` (not started)."""
+    program = tmp_path / "program.py"
+    program.write_text("import errno, stat, sys\nimport mfusepy\n" + source)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    return Launched([str(program), str(mnt)], mnt, env=_env())
+
+
 def _library_works(module: str) -> str | None:
     """Why the real ``module`` cannot run here, or None."""
     if importlib.util.find_spec(module) is None:
@@ -55,7 +68,7 @@ def run_program(tmp_path: Path) -> Any:
     def run(kind: type[ServerProcess], program: str, *args: str) -> ServerProcess:
         mnt = tmp_path / f"mnt{len(servers)}"
         mnt.mkdir()
-        server = kind([str(PROGRAMS / program), *args, str(mnt)], mnt, env={**os.environ, "PYTHONPATH": str(REPO)})
+        server = kind([str(PROGRAMS / program), *args, str(mnt)], mnt, env=_env())
         servers.append(server)
         return server.start()
 
@@ -219,12 +232,9 @@ def test_errors_raised_or_returned_reach_the_caller(run_program: Any) -> None:
     ("mfusepy.FUSE(mfusepy.Operations(), sys.argv[1], foreground=True, writeback_cache=True)\n", "writeback_cache"),
 ])
 def test_what_fusepass_cannot_do_stops_the_program_with_its_name(tmp_path: Path, body: str, missing: str) -> None:
-    program = tmp_path / "program.py"
-    program.write_text("import sys\nimport mfusepy\n" + body)
-    (tmp_path / "mnt").mkdir()
-    done = subprocess.run([sys.executable, "-m", "fusepass.compat", str(program), str(tmp_path / "mnt")],
-                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    program = _inline(tmp_path, body)  # refused before anything is mounted: run it directly
+    done = subprocess.run([sys.executable, "-m", "fusepass.compat", *program.argv], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL, env=_env())
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fusepass.compat: ") and missing in last
@@ -232,13 +242,9 @@ def test_what_fusepass_cannot_do_stops_the_program_with_its_name(tmp_path: Path,
 
 
 def test_without_foreground_the_program_goes_to_the_background(tmp_path: Path) -> None:
-    program = tmp_path / "daemon.py"
-    program.write_text("import sys\nimport mfusepy\n"
-                       "class Fs(mfusepy.Operations):\n    use_ns = True\n"
-                       "mfusepy.FUSE(Fs(), sys.argv[1])\n")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    server = Launched([str(program), str(mnt)], mnt, env={**os.environ, "PYTHONPATH": str(REPO)})
+    server = _inline(tmp_path, "class Fs(mfusepy.Operations):\n    use_ns = True\n"
+                               "mfusepy.FUSE(Fs(), sys.argv[1])\n")
+    mnt = server.mountpoint
     try:
         server.start()
         assert server.proc is not None and server.proc.wait(10) == 0  # the launcher returned; the mount stays
@@ -250,16 +256,12 @@ def test_without_foreground_the_program_goes_to_the_background(tmp_path: Path) -
 
 
 def test_a_critical_exception_in_a_handler_unmounts_and_ends_the_program_with_it(tmp_path: Path) -> None:
-    program = tmp_path / "quits.py"
-    program.write_text("import errno, stat, sys\nimport mfusepy\n"
-                       "class Fs(mfusepy.Operations):\n    use_ns = True\n"
-                       "    def getattr(self, path, fh=None):\n"
-                       "        if path == '/quit':\n            raise SystemExit(7)\n"
-                       "        return {'st_mode': stat.S_IFDIR | 0o755, 'st_nlink': 2}\n"
-                       "mfusepy.FUSE(Fs(), sys.argv[1], foreground=True)\n")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    server = Launched([str(program), str(mnt)], mnt, env={**os.environ, "PYTHONPATH": str(REPO)})
+    server = _inline(tmp_path, "class Fs(mfusepy.Operations):\n    use_ns = True\n"
+                               "    def getattr(self, path, fh=None):\n"
+                               "        if path == '/quit':\n            raise SystemExit(7)\n"
+                               "        return {'st_mode': stat.S_IFDIR | 0o755, 'st_nlink': 2}\n"
+                               "mfusepy.FUSE(Fs(), sys.argv[1], foreground=True)\n")
+    mnt = server.mountpoint
     try:
         server.start()
         with pytest.raises(OSError):

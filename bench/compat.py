@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
-import tempfile
 from dataclasses import replace
 
 from . import environment as envmod
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compat", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--workdir", default="/var/tmp/fusepass-bench-compat")
+    parser.add_argument("--workdir", default="/var/tmp/fusepass-bench-compat",
+                        help="inputs, mount points and server logs; removed afterwards unless --keep-data")
+    parser.add_argument("--keep-data", action="store_true", help="keep the work directory (and reuse it next time)")
     args = parser.parse_args(argv)
     params = replace(workloads.QUICK if args.quick else workloads.FULL, rounds=args.rounds)
     steps = [s for s in workloads.STEPS if s.id in STEP_IDS]
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads.prepare(work, params, print)
     results: dict[tuple[str, str], list[float]] = {}
     configs = targets()
-    logs = tempfile.mkdtemp(prefix="bench-compat-logs-")
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs, exist_ok=True)
     for r in range(params.rounds):
         for t in configs[r % len(configs):] + configs[:r % len(configs)]:
             tag = f"{t.name}-r{r + 1}"
@@ -84,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             values = results.get((t.name, step.id))
             cells.append(report.fmt(statistics.median(values)) if values else "-")
         print(f"| {step.id}: {step.label} | {step.unit} | " + " | ".join(cells) + " |")
-    print(f"\nserver logs: {logs}")
+    if args.keep_data:
+        print(f"\nserver logs: {logs}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -29,6 +29,7 @@ from . import abi, syscalls
 from .ops import (
     ROOT_ID,
     Attr,
+    AttrLike,
     Changes,
     ConnectionInfo,
     Context,
@@ -54,7 +55,6 @@ _CAPABILITY = b"security.capability"
 _DOTS = (b".", b"..")
 
 
-_attr = Attr.from_stat
 
 
 def _proc(fd: int) -> bytes:
@@ -281,7 +281,7 @@ class Mirror(Operations):
             return inode
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
-        return Entry(inode.nodeid, _attr(st), self.entry_timeout, self.attr_timeout)
+        return Entry(inode.nodeid, st, self.entry_timeout, self.attr_timeout)
 
     def _lookup_at(self, dirfd: int, name: bytes, st: os.stat_result | None = None) -> Entry:
         """Count one lookup of ``name`` in ``dirfd`` (``st``: its lstat, if just taken)."""
@@ -377,21 +377,32 @@ class Mirror(Operations):
                         os.close(inode.fd)
                         inode.fd = -1
 
-    def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> os.stat_result:
         if fh is not None and ino != ROOT_ID and fh in self._files:
-            return _attr(os.fstat(fh))
+            return os.fstat(fh)
         if ino == ROOT_ID:
             self.source_state()  # asked about once per attribute timeout: where a removal gets noticed
+        inode = self._inodes.get(ino)
+        if inode is not None and inode.fd >= 0:
+            # Without pinning: the descriptor may be evicted and its number reused meanwhile, but then
+            # the stat shows another inode and the pinned way below is taken.
+            try:
+                st = os.fstat(inode.fd)
+            except OSError:
+                pass
+            else:
+                if (st.st_dev, st.st_ino) == inode.key:
+                    return st
         with self._pinned(ino) as fd:
-            return _attr(os.fstat(fd))
+            return os.fstat(fd)
 
-    def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
+    def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> os.stat_result:
         with self._pinned(ino) as fd:
             path = _proc(fd)
             # An empty SETATTR is chown(f, -1, -1): passed on, so the source updates ctime (and clears
             # set-user-ID) as it would; unless it ends the kernel's removal of a file capability.
             if changes == _NO_CHANGES and self._took_privileges(ino, ctx.pid):
-                return _attr(os.fstat(fd))
+                return os.fstat(fd)
             if changes.uid is not None or changes.gid is not None or changes == _NO_CHANGES:
                 uid = -1 if changes.uid is None else changes.uid
                 gid = -1 if changes.gid is None else changes.gid
@@ -407,7 +418,7 @@ class Mirror(Operations):
                     _kill_suid_sgid(path)
             if changes.atime_ns is not None or changes.mtime_ns is not None or changes.atime_now or changes.mtime_now:
                 syscalls.utimens(path, changes.atime_ns, changes.mtime_ns, changes.atime_now, changes.mtime_now)
-            return _attr(os.fstat(fd))
+            return os.fstat(fd)
 
     def statx(self, ctx: Context, ino: int, fh: int | None, flags: int, mask: int) -> StatxReply:
         """The fields plain GETATTR cannot carry (birth time, attributes) come from statx(2)."""
@@ -617,13 +628,13 @@ class Mirror(Operations):
         for index in range(offset, len(d.entries)):
             name, number, kind = d.entries[index]
             lookup = None
+            attr: AttrLike
             if plus and name not in _DOTS:
                 try:
-                    st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+                    attr = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed since the snapshot
-                attr = _attr(st)
-                lookup = functools.partial(self._lookup_at, d.fd, name, st)
+                lookup = functools.partial(self._lookup_at, d.fd, name, attr)
             else:
                 attr = Attr(ino=number, mode=kind)
             if not listing.add(name, index + 1, attr, lookup):

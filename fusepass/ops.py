@@ -19,10 +19,21 @@ from dataclasses import dataclass
 
 from . import abi
 from .notify import Notifier
-from .protocol import Attr, Entry, StatfsReply, StatxReply, dirent_size, entry_body, pack_dirent, pack_direntplus
+from .protocol import (
+    Attr,
+    AttrLike,
+    Entry,
+    StatfsReply,
+    StatxReply,
+    dirent_size,
+    entry_body,
+    mode_and_ino,
+    pack_dirent,
+    pack_direntplus,
+)
 
 __all__ = [
-    "Attr", "Changes", "Context", "DirListing", "Entry", "Opened", "Operations", "StatfsReply",
+    "Attr", "AttrLike", "Changes", "Context", "DirListing", "Entry", "Opened", "Operations", "StatfsReply",
     "StatxReply", "ROOT_ID",
 ]
 
@@ -170,24 +181,25 @@ class DirListing:
         self._pos = 0
         self._limit = min(size, len(buf))
 
-    def add(self, name: bytes, next_offset: int, attr: Attr, lookup: Callable[[], Entry] | None = None) -> bool:
-        """Add one entry; False if it does not fit. ``attr`` needs at least ``ino`` (what
-        ``d_ino`` shows) and the file type bits of ``mode``. In a READDIRPLUS reply
+    def add(self, name: bytes, next_offset: int, attr: AttrLike, lookup: Callable[[], Entry] | None = None) -> bool:
+        """Add one entry; False if it does not fit. ``attr`` (an ``Attr`` or an ``os.stat_result``)
+        needs at least ``ino`` (what ``d_ino`` shows) and the file type bits of ``mode``. In a READDIRPLUS reply
         ``lookup`` is called (only if the entry fits) to produce the entry, and that counts
         one lookup exactly as LOOKUP would, to be given back through ``forget``; without
         ``lookup`` (and for "." and "..") the name is listed but not linked, and counts nothing."""
         size = dirent_size(name, self.plus)
         if self._pos + size > self._limit:
             return False
-        dtype = (attr.mode >> 12) & 0xF
+        mode, ino = mode_and_ino(attr)
+        dtype = (mode >> 12) & 0xF
         if self.plus:
             if lookup is None or name in (b".", b".."):
                 body = entry_body(Entry(0, attr, 0.0, 0.0))
             else:
                 body = entry_body(lookup())
-            self._pos = pack_direntplus(self._buf, self._pos, body, attr.ino, next_offset, dtype, name)
+            self._pos = pack_direntplus(self._buf, self._pos, body, ino, next_offset, dtype, name)
         else:
-            self._pos = pack_dirent(self._buf, self._pos, attr.ino, next_offset, dtype, name)
+            self._pos = pack_dirent(self._buf, self._pos, ino, next_offset, dtype, name)
         return True
 
     def result(self) -> memoryview:
@@ -263,13 +275,14 @@ class Operations:
         from the lookup counts and free a node whose count reaches zero (unless it is still
         open or linked). No reply; exceptions are logged and otherwise ignored."""
 
-    def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
-        """The attributes of ``ino`` (``fh``: the open file an fstat came through, else None).
+    def getattr(self, ctx: Context, ino: int, fh: int | None) -> AttrLike:
+        """The attributes of ``ino`` (``fh``: the open file an fstat came through, else None), as
+        an ``Attr`` or an ``os.stat_result``.
         Cached for ``attr_timeout``. For a passed-through file, report the backing file's
         size and times: the kernel asks again after every passthrough write."""
         raise OSError(errno.ENOSYS, "getattr")
 
-    def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
+    def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> AttrLike:
         """chmod, chown, truncate, utimes in one request: apply the fields of ``changes``
         that are not None and return the new attributes. ``fh`` is set for ftruncate and
         friends. Truncation by ``open(O_TRUNC)`` reaches ``open`` as the O_TRUNC flag, not here

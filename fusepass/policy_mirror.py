@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 
 from .audit import AuditLog, errno_name
 from .mirror import Mirror
-from .ops import ROOT_ID, Attr, Changes, ConnectionInfo, Context, DirListing, Entry, Opened
+from .ops import ROOT_ID, AttrLike, Changes, ConnectionInfo, Context, DirListing, Entry, Opened
 from .policy import READ, WRITE, Policy, Rule
 
 log = logging.getLogger("fusepass.policy")
@@ -252,7 +252,7 @@ class PolicyMirror(Mirror):
 
     # --- attributes ---------------------------------------------------------------------------
 
-    def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
+    def setattr(self, ctx: Context, ino: int, changes: Changes, fh: int | None) -> os.stat_result:
         path, mask = self._node(ino)
         self._enforce(ctx, "setattr", mask, WRITE, path)
         return super().setattr(ctx, ino, changes, fh)
@@ -324,7 +324,7 @@ class _RuledListing:
         self._listing = listing
         self._base: str | None = None
 
-    def add(self, name: bytes, next_offset: int, attr: Attr, lookup: Callable[[], Entry] | None = None) -> bool:
+    def add(self, name: bytes, next_offset: int, attr: AttrLike, lookup: Callable[[], Entry] | None = None) -> bool:
         if name in (b".", b".."):
             return self._listing.add(name, next_offset, attr, lookup)
         mirror = self._mirror

@@ -9,6 +9,7 @@ always matches the bytes produced.
 from __future__ import annotations
 
 import errno as errno_mod
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -712,6 +713,11 @@ class Attr:
         )
 
 
+#: Attributes as a handler may give them: an ``Attr``, or an ``os.stat_result`` as it stands (cheaper:
+#: no copy; ``st_ino`` is what ``stat`` shows).
+AttrLike = Attr | os.stat_result
+
+
 @dataclass(slots=True)
 class Entry:
     """A name's answer: the node id the kernel will use, its attributes and how long
@@ -725,7 +731,7 @@ class Entry:
     """
 
     nodeid: int
-    attr: Attr
+    attr: AttrLike
     entry_timeout: float
     attr_timeout: float
     generation: int = 0
@@ -758,6 +764,7 @@ def name_bytes(name: str | bytes) -> bytes:
 _MAX_TIMEOUT = float(1 << 62)  # far beyond any cache lifetime; the kernel saturates it anyway
 
 
+@functools.lru_cache(maxsize=64)  # a filesystem uses a handful of timeouts, for every reply
 def _split_time(seconds: float) -> tuple[int, int]:
     """A cache timeout as (seconds, nanoseconds). Not positive (or NaN): 0; infinite: the maximum."""
     if not seconds > 0:
@@ -771,14 +778,32 @@ def _split_time(seconds: float) -> tuple[int, int]:
     return whole, nsec
 
 
-def _attr_fields(a: Attr) -> tuple[int, ...]:
+def _attr_fields(a: AttrLike) -> tuple[int, ...]:
+    if type(a) is os.stat_result:
+        at, ans = divmod(a.st_atime_ns, 1_000_000_000)
+        mt, mns = divmod(a.st_mtime_ns, 1_000_000_000)
+        ct, cns = divmod(a.st_ctime_ns, 1_000_000_000)
+        rdev = a.st_rdev
+        return (
+            a.st_ino, a.st_size, a.st_blocks, at & _U64, mt & _U64, ct & _U64, ans, mns, cns,
+            a.st_mode, a.st_nlink, a.st_uid, a.st_gid, encode_rdev(rdev) if rdev else 0, a.st_blksize, 0,
+        )
+    assert isinstance(a, Attr)
     at, ans = divmod(a.atime_ns, 1_000_000_000)
     mt, mns = divmod(a.mtime_ns, 1_000_000_000)
     ct, cns = divmod(a.ctime_ns, 1_000_000_000)
     return (
         a.ino, a.size, a.blocks, at & _U64, mt & _U64, ct & _U64, ans, mns, cns,
-        a.mode, a.nlink, a.uid, a.gid, encode_rdev(a.rdev), a.blksize, 0,
+        a.mode, a.nlink, a.uid, a.gid, encode_rdev(a.rdev) if a.rdev else 0, a.blksize, 0,
     )
+
+
+def mode_and_ino(a: AttrLike) -> tuple[int, int]:
+    """The mode and the inode number ``stat`` shows, of either form of attributes."""
+    if type(a) is os.stat_result:
+        return a.st_mode, a.st_ino
+    assert isinstance(a, Attr)
+    return a.mode, a.ino
 
 
 _U64 = (1 << 64) - 1
@@ -810,7 +835,7 @@ def negative_entry_body(timeout: float) -> bytes:
     return abi.ENTRY_OUT.pack(0, 0, ev, 0, evn, 0, *_attr_fields(NEGATIVE_ENTRY_ATTR))
 
 
-def attr_body(a: Attr, timeout: float) -> bytes:
+def attr_body(a: AttrLike, timeout: float) -> bytes:
     av, avn = _split_time(timeout)
     return abi.ATTR_OUT.pack(av, avn, 0, *_attr_fields(a))
 

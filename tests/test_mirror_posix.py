@@ -1122,9 +1122,9 @@ def test_a_reused_inode_number_is_a_new_node(direct: tuple[Mirror, Path]) -> Non
     else:
         pytest.skip("the source filesystem did not reuse the inode number")
     new = fs.lookup(c, ROOT_ID, f"new{i}".encode())
-    assert new.nodeid != old.nodeid and new.attr.ino == ino
+    assert new.nodeid != old.nodeid and new.attr.st_ino == ino
     fs.lookup(c, ROOT_ID, b"other")  # evict again: the new node must reopen from its own handle
-    assert fs.getattr(c, new.nodeid, None).size == 3
+    assert fs.getattr(c, new.nodeid, None).st_size == 3
     opened = fs.open(c, new.nodeid, os.O_RDONLY)
     try:
         assert os.pread(opened.fh, 10, 0) == b"new"
@@ -1145,11 +1145,11 @@ def test_looking_up_an_evicted_inode_again_finds_it_without_a_descriptor(direct:
     a = fs.lookup(c, ROOT_ID, b"a")
     fs.lookup(c, ROOT_ID, b"b")  # evicts a's descriptor
     again = fs.lookup(c, ROOT_ID, b"a")
-    assert again.nodeid == a.nodeid and again.attr.size == 1
+    assert again.nodeid == a.nodeid and again.attr.st_size == 1
     assert fs.descriptor_counts()["path"] == 2  # the root's and b's: a was not reopened
     os.rename(src / "b", src / "a")  # behind the mirror's back: the name now means another file
     replaced = fs.lookup(c, ROOT_ID, b"a")
-    assert replaced.nodeid != a.nodeid and replaced.attr.size == 2
+    assert replaced.nodeid != a.nodeid and replaced.attr.st_size == 2
 
 
 def test_an_open_file_stays_reachable_after_unlink_under_descriptor_pressure(
@@ -1164,7 +1164,7 @@ def test_an_open_file_stays_reachable_after_unlink_under_descriptor_pressure(
     os.unlink(src / "f")
     for _ in range(3):
         fs.lookup(c, ROOT_ID, b"other")  # would evict f's descriptor if the open did not pin it
-    assert fs.getattr(c, f.nodeid, None).nlink == 0
+    assert fs.getattr(c, f.nodeid, None).st_nlink == 0
     fs.setattr(c, f.nodeid, Changes(mode=0o600), None)
     fs.release(c, f.nodeid, opened.fh, 0)
     entry, tmp = fs.tmpfile(c, ROOT_ID, stat.S_IFREG | 0o600, 0, os.O_RDWR)

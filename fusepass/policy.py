@@ -42,15 +42,22 @@ class Glob:
         parts = body.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise RuleError(f"glob {text!r} has an empty, '.' or '..' name")
+        if any(p.count("*") > _MAX_STARS for p in parts if p != "**"):
+            raise RuleError(f"glob {text!r} has more than {_MAX_STARS} '*' in one name")
+        # "**/**" means what "**" means; collapsed, a glob cannot make matching take exponential time.
+        parts = [p for i, p in enumerate(parts) if not (p == "**" and i and parts[i - 1] == "**")]
         self.text = text
         self.anchored = text.startswith("/") or len(parts) > 1
-        if self.anchored:
-            self._covers = re.compile(_translate(parts) + r"(?:/|\Z)")
-            self._name = None
-        else:
-            self._covers = re.compile(r"(?:\A|.*/)" + _translate(parts) + r"(?:/|\Z)")
-            self._name = re.compile(_translate(parts) + r"\Z")
-        self._parts = [p if p == "**" else re.compile(_component(p) + r"\Z") for p in parts]
+        try:
+            if self.anchored:
+                self._covers = re.compile(_translate(parts) + r"(?:/|\Z)")
+                self._name = None
+            else:
+                self._covers = re.compile(r"(?:\A|.*/)" + _translate(parts) + r"(?:/|\Z)")
+                self._name = re.compile(_translate(parts) + r"\Z")
+            self._parts = [p if p == "**" else re.compile(_component(p) + r"\Z") for p in parts]
+        except re.error as e:
+            raise RuleError(f"glob {text!r} is not valid: {e}") from None
 
     def covers(self, path: str) -> bool:
         """Whether ``path`` (relative, "" for the root) or one of its directories matches."""
@@ -66,6 +73,9 @@ class Glob:
         if not self.anchored:
             return False  # it looks at names, which a rename of a directory above leaves alone
         return not self.covers(path) and _below(self._parts, 0, path.split("/") if path else [], 0)
+
+
+_MAX_STARS = 8  # '*' per name: more makes a regular expression that can backtrack for long
 
 
 def _translate(parts: Sequence[str]) -> str:
@@ -113,14 +123,24 @@ def _class_end(part: str, start: int) -> int:
 
 
 def _below(pattern: list[Any], i: int, path: list[str], j: int) -> bool:
-    """Whether ``pattern[i:]`` can match ``path[j:]`` followed by at least one more name."""
-    if j == len(path):
-        return i < len(pattern)
-    if i == len(pattern):
-        return False  # matched a directory of the path: that is covering, not reaching below
-    if pattern[i] == "**":
-        return _below(pattern, i + 1, path, j) or _below(pattern, i, path, j + 1)
-    return pattern[i].match(path[j]) is not None and _below(pattern, i + 1, path, j + 1)
+    """Whether ``pattern[i:]`` can match ``path[j:]`` followed by at least one more name
+    (remembering each (i, j) answered, so that "**" costs no more than pattern x path)."""
+    seen: dict[tuple[int, int], bool] = {}
+
+    def below(i: int, j: int) -> bool:
+        key = (i, j)
+        if key not in seen:
+            if j == len(path):
+                seen[key] = i < len(pattern)
+            elif i == len(pattern):
+                seen[key] = False  # matched a directory of the path: that is covering, not reaching below
+            elif pattern[i] == "**":
+                seen[key] = below(i + 1, j) or below(i, j + 1)
+            else:
+                seen[key] = pattern[i].match(path[j]) is not None and below(i + 1, j + 1)
+        return seen[key]
+
+    return below(i, j)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,15 +248,22 @@ def rules_from_toml(path: str) -> tuple[list[Rule], str | None]:
     """
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            text = f.read()
     except OSError as e:
         raise RuleError(f"rules file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RuleError(f"rules file {path}: {e}") from None
+    return parse_rules(text, f"rules file {path}")
+
+
+def parse_rules(text: bytes, origin: str = "rules") -> tuple[list[Rule], str | None]:
+    """The rules and audit log path of a rules file's contents (``origin`` names it in errors)."""
+    try:
+        doc = tomllib.loads(text.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise RuleError(f"{origin}: {e}") from None
     try:
         return _rules_from_doc(doc)
     except RuleError as e:
-        raise RuleError(f"rules file {path}: {e}") from None
+        raise RuleError(f"{origin}: {e}") from None
 
 
 def _rules_from_doc(doc: dict[str, Any]) -> tuple[list[Rule], str | None]:

@@ -179,3 +179,26 @@ def test_flag_names_keep_unknown_bits() -> None:
     assert open_flag_names(os.O_RDWR | os.O_TMPFILE) == ["O_RDWR", "O_TMPFILE"]
     assert open_flag_names(os.O_RDONLY | 0x40000000) == ["O_RDONLY", "0x40000000"]
     assert rename_flag_names(2 | 16) == ["RENAME_EXCHANGE", "0x10"]
+
+
+# --- found by fuzz/fuzz_options.py --------------------------------------------------------------
+
+def test_a_glob_that_is_no_valid_pattern_is_a_rule_error_not_a_traceback() -> None:
+    with pytest.raises(policy.RuleError, match="not valid"):
+        policy.Glob("a[]-[]b")
+    with pytest.raises(policy.RuleError, match="not valid"):
+        policy.parse_deny("x[z-a],access=write")
+
+
+def test_many_double_stars_match_in_time_linear_in_the_path() -> None:
+    glob = policy.Glob("/" + "/".join(["**"] * 40) + "/x")
+    deep = "/".join(["d"] * 60)
+    assert not glob.covers(deep)
+    assert glob.covers(deep + "/x")
+    assert glob.reaches_below(deep)
+
+
+def test_a_name_with_too_many_stars_is_refused() -> None:
+    with pytest.raises(policy.RuleError, match="more than 8"):
+        policy.Glob("*a" * 9)
+    assert policy.Glob("*a" * 8).covers("a" * 8)

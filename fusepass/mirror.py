@@ -120,7 +120,7 @@ class Mirror(Operations):
     @property
     def stacked(self) -> bool:
         """Whether the source lives on a stacked filesystem (passthrough then needs depth 2)."""
-        return _fs_magic(self._mount_fd) in _STACKED_MAGICS
+        return syscalls.fs_magic(self._mount_fd) in _STACKED_MAGICS
 
     def init(self, conn: ConnectionInfo) -> None:
         # POSIX_ACL: the kernel enforces the source's ACLs (with a mode-only check, an ACL
@@ -695,15 +695,3 @@ def _close_quietly(fd: int) -> None:
     except OSError:
         pass
 
-
-def _fs_magic(fd: int) -> int:
-    import ctypes
-
-    class _Statfs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-    buf = _Statfs()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
-        return 0
-    return buf.f_type & 0xFFFFFFFF

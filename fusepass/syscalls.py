@@ -1,5 +1,6 @@
 """ctypes wrappers for the Linux calls Python's ``os`` module lacks (renameat2, file handles,
-fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on O_PATH descriptors, statx)."""
+fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on O_PATH descriptors, statx, fstatfs's
+filesystem type, fanotify)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,29 @@ def fchownat(dirfd: int, name: bytes, uid: int, gid: int, flags: int) -> None:
     (works on O_PATH descriptors and on symlinks)."""
     _check(_libc.fchownat(dirfd, name, ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF), flags),
            "fchownat", name)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def fs_magic(fd: int) -> int:
+    """The type (``f_type``, a magic number) of the filesystem ``fd`` is on; 0 if fstatfs fails."""
+    buf = _Statfs()
+    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        return 0
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    """A new fanotify group: the descriptor its events are read from."""
+    return _check(_libc.fanotify_init(flags, event_f_flags), "fanotify_init")
+
+
+def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: bytes | None) -> None:
+    """Add, change or remove the mark of ``path`` (relative to ``dirfd``) in an fanotify group."""
+    _check(_libc.fanotify_mark(group_fd, flags, mask, dirfd, path), "fanotify_mark", path)

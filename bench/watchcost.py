@@ -30,7 +30,7 @@ import threading
 from typing import Any
 
 from fusepass import syscalls
-from fusepass.watcher import DIRECTORY_MASK, FAN_EVENT_ON_CHILD, FAN_MARK_ADD, FAN_MARK_FILESYSTEM, Change, SourceWatcher
+from fusepass import watcher as watchmod
 
 from . import environment as envmod
 
@@ -44,7 +44,7 @@ def serve(design: str, source: str, dirs: int) -> int:
     counts = {"parsed": 0, "kept": 0, "overflows": 0}
     done = threading.Event()
 
-    def on_changes(changes: list[Change]) -> None:
+    def on_changes(changes: list[watchmod.Change]) -> None:
         counts["parsed"] += len(changes)
         for c in changes:
             if c.handle is None and c.dir is None:  # overflow
@@ -54,20 +54,16 @@ def serve(design: str, source: str, dirs: int) -> int:
                 if c.name == SENTINEL:
                     done.set()
 
-    watcher = SourceWatcher(source, on_changes)
+    watcher = watchmod.SourceWatcher(source, on_changes)
     known.add(watcher.root_handle)
-    if design == "inode-marks":
-        for i in range(dirs):
-            fd = os.open(os.path.join(source, f"k{i:05d}"), os.O_PATH | os.O_CLOEXEC)
-            known.add(watcher.watch(fd))
-            os.close(fd)
-    else:
-        for i in range(dirs):
-            fd = os.open(os.path.join(source, f"k{i:05d}"), os.O_PATH | os.O_CLOEXEC)
-            known.add(syscalls.name_to_handle(fd))
-            os.close(fd)
+    for i in range(dirs):
+        fd = os.open(os.path.join(source, f"k{i:05d}"), os.O_PATH | os.O_CLOEXEC)
+        known.add(watcher.watch(fd) if design == "inode-marks" else syscalls.name_to_handle(fd))
+        os.close(fd)
+    if design == "filesystem-mark":
         # The reader is SourceWatcher's; only the mark differs (this design is measured, not shipped).
-        syscalls.fanotify_mark(watcher._fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRECTORY_MASK & ~FAN_EVENT_ON_CHILD,
+        mask = watchmod.DIRECTORY_MASK & ~watchmod.FAN_EVENT_ON_CHILD
+        syscalls.fanotify_mark(watcher._fd, watchmod.FAN_MARK_ADD | watchmod.FAN_MARK_FILESYSTEM, mask,
                                syscalls.AT_FDCWD, source.encode())
     start = resource.getrusage(resource.RUSAGE_SELF)
     watcher.start()
@@ -110,6 +106,14 @@ def one(design: str, work: str, files: int, dirs: int, tag: str) -> dict[str, An
         shutil.rmtree(churn, ignore_errors=True)
 
 
+def _cell(rows: list[dict[str, Any]], key: str, fmt: str) -> str:
+    """Median (min-max) of ``key`` over ``rows``, or a dash for none."""
+    values = [row[key] for row in rows]
+    if not values:
+        return "–"
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.watchcost", description=__doc__.splitlines()[0])
     p.add_argument("--files", type=int, default=100_000, help="files the unrelated writer creates (100,000)")
@@ -147,19 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for design in designs:
         rows = [r for r in results if r["design"] == design]
-
-        def cell(get: Any, fmt: str = "{:.3f}") -> str:
-            values = [get(r) for r in rows]
-            if any(v is None for v in values):
-                return "–"
-            return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
-
-        def w(key: str) -> Any:
-            return lambda r: r["watcher"][key] if "watcher" in r else None
-
-        print(f"| {design} | {cell(w('cpu_s'))} | {cell(w('parsed'), '{:,.0f}')} | {cell(w('kept'), '{:,.0f}')} "
-              f"| {cell(w('overflows'), '{:,.0f}')} | {cell(lambda r: r['writer']['seconds'], '{:.2f}')} "
-              f"| {cell(lambda r: r['writer']['cpu_s'], '{:.2f}')} |")
+        watched = [r["watcher"] for r in rows if "watcher" in r]
+        writer = [r["writer"] for r in rows]
+        print(f"| {design} | {_cell(watched, 'cpu_s', '{:.3f}')} | {_cell(watched, 'parsed', '{:,.0f}')} "
+              f"| {_cell(watched, 'kept', '{:,.0f}')} | {_cell(watched, 'overflows', '{:,.0f}')} "
+              f"| {_cell(writer, 'seconds', '{:.2f}')} | {_cell(writer, 'cpu_s', '{:.2f}')} |")
     return 0
 
 

@@ -193,7 +193,7 @@ def _extract_pyfuse3_example(version: str | None) -> str | None:
     """Download the pyfuse3 sdist matching the installed version and keep its passthroughfs example."""
     spec = f"pyfuse3=={version}" if version else "pyfuse3"
     with tempfile.TemporaryDirectory(prefix="fusepass-bench-sdist-") as tmp:
-        proc = _run([str(venv_python()), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+        proc = _run([str(venv_python()), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "pyfuse3",
                      spec, "-d", tmp], timeout=600)
         archives = glob.glob(os.path.join(tmp, "pyfuse3-*.tar.gz"))
         if proc.returncode != 0 or not archives:

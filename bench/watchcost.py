@@ -13,6 +13,9 @@ writer's system calls, so a watcher's kernel-side cost shows there).
   records whose directory or object is known (the alternative: every event on the filesystem reaches the
   process).
 
+With ``--rewrites N`` the writer instead makes N writes of 4 KiB into one file of a watched directory:
+what the watcher costs the writes a mount passes through to its source.
+
 Rounds visit the designs in a rotated order; the table shows medians (min-max).
 """
 
@@ -76,10 +79,14 @@ def serve(design: str, source: str, dirs: int) -> int:
     return 0
 
 
-def one(design: str, work: str, files: int, dirs: int, tag: str) -> dict[str, Any]:
+def one(design: str, work: str, files: int, dirs: int, tag: str, rewrites: int) -> dict[str, Any]:
     source = os.path.join(work, "src")
-    churn = os.path.join(work, f"churn-{tag}")
-    os.makedirs(churn)
+    churn = os.path.join(source, "k00000") if rewrites else os.path.join(work, f"churn-{tag}")
+    writer_cmd = [sys.executable, "-m", "bench.churn", churn, str(files)]
+    if rewrites:
+        writer_cmd = [sys.executable, "-m", "bench.churn", churn, str(rewrites), "--rewrites", "--size", "4096"]
+    else:
+        os.makedirs(churn)
     env = dict(os.environ, PYTHONPATH=str(envmod.REPO))
     watcher = None
     try:
@@ -89,8 +96,7 @@ def one(design: str, work: str, files: int, dirs: int, tag: str) -> dict[str, An
             assert watcher.stdout is not None
             if watcher.stdout.readline().strip() != "ready":
                 raise SystemExit(f"watchcost: the {design} watcher did not start")
-        out = subprocess.run([sys.executable, "-m", "bench.churn", churn, str(files)], capture_output=True, text=True,
-                             env=env, check=True, timeout=1800).stdout
+        out = subprocess.run(writer_cmd, capture_output=True, text=True, env=env, check=True, timeout=1800).stdout
         result: dict[str, Any] = {"design": design, "writer": json.loads(out)}
         if watcher is not None:
             assert watcher.stdout is not None
@@ -103,7 +109,10 @@ def one(design: str, work: str, files: int, dirs: int, tag: str) -> dict[str, An
         if watcher is not None and watcher.poll() is None:
             watcher.kill()
             watcher.wait()
-        shutil.rmtree(churn, ignore_errors=True)
+        if rewrites:
+            os.unlink(os.path.join(churn, "data"))
+        else:
+            shutil.rmtree(churn, ignore_errors=True)
 
 
 def _cell(rows: list[dict[str, Any]], key: str, fmt: str) -> str:
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.watchcost", description=__doc__.splitlines()[0])
     p.add_argument("--files", type=int, default=100_000, help="files the unrelated writer creates (100,000)")
     p.add_argument("--dirs", type=int, default=1000, help="known directories in the source (1,000)")
+    p.add_argument("--rewrites", type=int, default=0, help="instead: this many 4 KiB writes into a watched file")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--designs", default=",".join(DESIGNS))
     p.add_argument("--workdir", default="/var/tmp/fusepass-watchcost")
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.rounds):
             for design in designs[r % len(designs):] + designs[:r % len(designs)]:
-                res = one(design, work, args.files, args.dirs, f"{design}-r{r}")
+                res = one(design, work, args.files, args.dirs, f"{design}-r{r}", args.rewrites)
                 results.append(res)
                 print(f"round {r + 1} {design}: {json.dumps(res)}", flush=True)
     finally:
@@ -145,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\n{args.files:,} files written beside a source of {args.dirs:,} known directories, "
-          f"{args.rounds} rounds, median (min-max)\n")
+    what = (f"{args.rewrites:,} writes of 4 KiB into a file of a watched directory" if args.rewrites
+            else f"{args.files:,} files written beside the source")
+    print(f"\n{what}; {args.dirs:,} known directories; {args.rounds} rounds, median (min-max)\n")
     print("| design | watcher CPU s | events parsed | events kept | overflows | writer s | writer CPU s |")
     print("|---|---|---|---|---|---|---|")
     for design in designs:

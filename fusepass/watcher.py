@@ -211,7 +211,7 @@ class SourceWatcher:
             self.root_handle = self.watch(root)
         except OSError as e:
             self._close_fds()
-            raise WatcherUnavailable(_mark_error(source, e)) from None
+            raise WatcherUnavailable(_mark_error(e)) from None
         finally:
             os.close(root)
 
@@ -361,25 +361,24 @@ def _open_group(source: str) -> int:
         raise WatcherUnavailable(_init_error(e)) from None
 
 
+_INIT_ERRORS = {
+    errno.ENOSYS: "this kernel has no fanotify",
+    errno.EINVAL: "this kernel's fanotify cannot report file handles of changed entries (needs Linux 5.17)",
+    errno.EMFILE: "too many fanotify groups for this user (fs.fanotify.max_user_groups)",
+    errno.EPERM: "fanotify is not permitted to this process",
+}
+_MARK_ERRORS = {
+    errno.ENODEV: "the source's filesystem has no filesystem id, so fanotify cannot name its files",
+    errno.EOPNOTSUPP: "the source's filesystem cannot report changes with file handles",
+    errno.EXDEV: "the source is on a subvolume whose filesystem id differs from its filesystem's",
+    errno.EACCES: "no permission to watch the source (fanotify needs read permission on it)",
+    errno.EPERM: "no permission to watch the source (fanotify needs read permission on it)",
+}
+
+
 def _init_error(e: OSError) -> str:
-    if e.errno == errno.ENOSYS:
-        return "this kernel has no fanotify"
-    if e.errno == errno.EINVAL:
-        return "this kernel's fanotify cannot report file handles of changed entries (needs Linux 5.17)"
-    if e.errno == errno.EMFILE:
-        return "too many fanotify groups for this user (fs.fanotify.max_user_groups)"
-    if e.errno == errno.EPERM:
-        return "fanotify is not permitted to this process"
-    return f"fanotify_init failed: {e.strerror}"
+    return _INIT_ERRORS.get(e.errno or 0, f"fanotify_init failed: {e.strerror}")
 
 
-def _mark_error(source: str, e: OSError) -> str:
-    if e.errno == errno.ENODEV:
-        return "the source's filesystem has no filesystem id, so fanotify cannot name its files"
-    if e.errno == errno.EOPNOTSUPP:
-        return "the source's filesystem cannot report changes with file handles"
-    if e.errno == errno.EXDEV:
-        return "the source is on a subvolume whose filesystem id differs from its filesystem's"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"no permission to watch the source {source} (fanotify needs read permission on it)"
-    return f"fanotify_mark on the source failed: {e.strerror}"
+def _mark_error(e: OSError) -> str:
+    return _MARK_ERRORS.get(e.errno or 0, f"fanotify_mark on the source failed: {e.strerror}")

@@ -200,18 +200,18 @@ class SourceWatcher:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closes_itself = False
+        self._fd = self._wake_r = self._wake_w = -1
         root = _open_source(source)
         try:
-            self._fd = _open_group(source)
+            self._fd = _open_group()
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                self.root_handle = self.watch(root)
+            except OSError as e:
+                raise WatcherUnavailable(_mark_error(e)) from None
         except BaseException:
-            os.close(root)
-            raise
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            self.root_handle = self.watch(root)
-        except OSError as e:
             self._close_fds()
-            raise WatcherUnavailable(_mark_error(e)) from None
+            raise
         finally:
             os.close(root)
 
@@ -346,7 +346,7 @@ def _open_source(source: str) -> int:
     return fd
 
 
-def _open_group(source: str) -> int:
+def _open_group() -> int:
     flags = FAN_CLOEXEC | FAN_NONBLOCK | REPORT_FLAGS
     event_flags = os.O_RDONLY | os.O_CLOEXEC
     try:

@@ -25,7 +25,7 @@ def _names(allowed: list[str]) -> Callable[[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark fusepass against native and the "
                                 "Python peers, interleaving configurations round by round.")
-    p.add_argument("--quick", action="store_true", help="small sizes and one round (under two minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes and one round (about five minutes)")
     p.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
     p.add_argument("--configs", type=_names(CONFIG_ORDER), default=CONFIG_ORDER,
                    help="comma-separated subset of " + ",".join(CONFIG_ORDER))

@@ -25,7 +25,7 @@ def _names(allowed: list[str]) -> Callable[[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark fusepass against native and the "
                                 "Python peers, interleaving configurations round by round.")
-    p.add_argument("--quick", action="store_true", help="small sizes and one round (under two minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes and one round (about five minutes)")
     p.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
     p.add_argument("--configs", type=_names(CONFIG_ORDER), default=CONFIG_ORDER,
                    help="comma-separated subset of " + ",".join(CONFIG_ORDER))
@@ -36,11 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-data", action="store_true", help="keep the work directory, and reuse it next time")
     p.add_argument("--results", default=str(envmod.BENCH_DIR / "results"),
                    help="results folder (default bench/results)")
+    p.add_argument("--visibility-changes", type=int, help="changes the visibility workload makes (default 1,000; 50 "
+                   "with --quick)")
+    p.add_argument("--churn-files", type=int, help="files the churn workload's writer creates (default 100,000; "
+                   "10,000 with --quick)")
     p.add_argument("--threads", type=int, help="fusepass worker threads (default: fusepass's own)")
     p.add_argument("--fusepass-opts", help="extra -o options for fusepass mount, e.g. timeout=5")
     p.add_argument("--timeout-scale", type=float, default=1.0,
                    help="multiply every step's time limit (e.g. 0.1 to exercise the recovery from a stuck mount)")
     p.add_argument("--no-setup", action="store_true", help="install nothing; use bench/.venv as it is")
+    p.add_argument("--libfuse-tarball", default=envmod.default_libfuse_tarball(),
+                   help=f"libfuse source to build passthrough_hp from (default: ${envmod.LIBFUSE_TARBALL_ENV}, "
+                   "else the shared peers folder beside the repository); without one, passthrough_hp is not run")
     return p
 
 
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: warning: not root; mounting may fail", file=sys.stderr)
     if os.environ.get(envmod.IN_VENV) != "1" and not envmod.running_in_venv():
         if not args.no_setup:
-            envmod.ensure(lambda text: print(text, flush=True))
+            envmod.ensure(lambda text: print(text, flush=True), args.libfuse_tarball)
         if envmod.venv_python().exists():
             envmod.reexec_in_venv(argv)
         print(f"bench: no virtualenv at {envmod.VENV}: running without peers, charts or progress bar", file=sys.stderr)

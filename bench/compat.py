@@ -24,24 +24,18 @@ from .targets import Native, Peer, Target
 STEP_IDS = ("seqread", "randread1", "meta-create", "meta-stat", "untar")
 
 
-class ThisPython(Peer):
+def this_python(name: str, label: str, argv: list[str]) -> Peer:
     """A filesystem program run by this interpreter (which has mfusepy and fusepass)."""
-
-    def __init__(self, name: str, label: str, argv: list[str]) -> None:
-        super().__init__(name, label, envmod.MFUSEPY_LOOPBACK, None)
-        self.argv = argv
-
-    def command(self, source: str, mnt: str) -> list[str]:
-        return [sys.executable, *self.argv, source, mnt]
+    return Peer(name, label, [sys.executable, *argv], None)
 
 
 def targets() -> list[Target]:
     loopback = str(envmod.MFUSEPY_LOOPBACK)
     return [
         Native(),
-        ThisPython("mfusepy", "mfusepy loopback", [loopback]),
-        ThisPython("fusepass-compat", "the same file, python -m fusepass.compat", ["-m", "fusepass.compat", loopback]),
-        ThisPython("fusepass-paths", "path_loopback, passthrough on",
+        this_python("mfusepy", "mfusepy loopback", [loopback]),
+        this_python("fusepass-compat", "the same file, python -m fusepass.compat", ["-m", "fusepass.compat", loopback]),
+        this_python("fusepass-paths", "path_loopback, passthrough on",
                    ["-m", "fusepass.examples.path_loopback", "--passthrough", "on"]),
     ]
 

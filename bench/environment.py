@@ -1,9 +1,11 @@
 """The benchmark's own environment: Debian packages, a virtualenv holding the peers, their example filesystems.
 
 The project never depends on any of it. Everything lands in ``bench/.venv`` (git-ignored): the peers
-pyfuse3 and mfusepy from PyPI, matplotlib and tqdm, and pyfuse3's ``examples/passthroughfs.py`` taken from
-its sdist. What was installed, and every error met on the way, is kept in ``bench/.venv/bench-setup.json``
-so that a later run skips what already worked and the report can say why a peer is missing.
+pyfuse3 and mfusepy from PyPI, matplotlib and tqdm, pyfuse3's ``examples/passthroughfs.py`` taken from
+its sdist, and libfuse's ``example/passthrough_hp`` built with meson and ninja (from PyPI) from a libfuse
+source tarball when one is at hand (``--libfuse-tarball``). What was installed, and every error met on
+the way, is kept in ``bench/.venv/bench-setup.json`` so that a later run skips what already worked and
+the report can say why a peer is missing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ IN_VENV = "FUSEPASS_BENCH_IN_VENV"  # set in the environment of the re-executed 
 
 PYFUSE3_EXAMPLE = PEERS_DIR / "pyfuse3_passthroughfs.py"
 MFUSEPY_LOOPBACK = BENCH_DIR / "peers" / "mfusepy_loopback.py"
+# The libfuse source whose example/passthrough_hp is the C reference: taken from this variable, else the
+# newest libfuse-*.tar.gz in the shared peers folder beside the repository.
+LIBFUSE_TARBALL_ENV = "FUSEPASS_BENCH_LIBFUSE"
+LIBFUSE_BUILD_TOOLS = ("meson", "ninja")
 
 # What the benchmark itself imports inside the venv (charts, progress), and the peers.
 TOOLS = ("matplotlib", "tqdm")
@@ -50,11 +56,26 @@ def load_state() -> dict[str, Any]:
         return {"packages": {}, "system": {}}
 
 
-def ensure(log: Log) -> dict[str, Any]:
-    """Install what is missing (Debian packages as root, then the venv and its packages); return the state."""
+def default_libfuse_tarball() -> str | None:
+    if os.environ.get(LIBFUSE_TARBALL_ENV):
+        return os.environ[LIBFUSE_TARBALL_ENV]
+    found = sorted(glob.glob(str(REPO.parent / "shared" / "peers" / "libfuse-*.tar.gz")))
+    return found[-1] if found else None
+
+
+def passthrough_hp_binary(tarball: str) -> Path:
+    """Where the build of ``tarball`` puts passthrough_hp (one build per tarball name)."""
+    stem = Path(tarball).name.removesuffix(".tar.gz")
+    return PEERS_DIR / stem / "build" / "example" / "passthrough_hp"
+
+
+def ensure(log: Log, libfuse_tarball: str | None = None) -> dict[str, Any]:
+    """Install what is missing (Debian packages as root, then the venv and its packages, then passthrough_hp
+    when ``libfuse_tarball`` is given); return the state."""
     state = load_state()
     state.setdefault("packages", {})
-    state["system"] = _ensure_system(state, log)
+    build_hp = bool(libfuse_tarball) and not passthrough_hp_binary(libfuse_tarball or "").exists()
+    state["system"] = _ensure_system(state, log, build_hp)
     venv_error = _ensure_venv(log)
     if venv_error:
         state["venv_error"] = venv_error
@@ -75,6 +96,7 @@ def ensure(log: Log) -> dict[str, Any]:
         error = _extract_pyfuse3_example(entry.get("version"))
         if error:
             state["packages"]["pyfuse3"] = dict(entry, ok=False, error=error)
+    state["passthrough_hp"] = _ensure_passthrough_hp(libfuse_tarball, log)
     _save(state)
     return state
 
@@ -94,9 +116,10 @@ def running_in_venv() -> bool:
 # --- Debian packages ----------------------------------------------------------------------------
 
 
-def _ensure_system(state: dict[str, Any], log: Log) -> dict[str, Any]:
+def _ensure_system(state: dict[str, Any], log: Log, build_hp: bool) -> dict[str, Any]:
     """apt-get install what the run needs and the machine lacks: fio, fusermount3 and, while pyfuse3 still
-    has to be built, pkg-config, libfuse3-dev and gcc; python3-venv if ``venv`` cannot bootstrap pip."""
+    has to be built, pkg-config, libfuse3-dev and gcc, while passthrough_hp has to be, pkg-config and g++;
+    python3-venv if ``venv`` cannot bootstrap pip."""
     wanted = []
     if not shutil.which("fio"):
         wanted.append("fio")
@@ -109,6 +132,11 @@ def _ensure_system(state: dict[str, Any], log: Log) -> dict[str, Any]:
             wanted.append("libfuse3-dev")
         if not (shutil.which("gcc") or shutil.which("cc")):
             wanted.append("gcc")
+    if build_hp:
+        if not shutil.which("pkg-config") and "pkg-config" not in wanted:
+            wanted.append("pkg-config")
+        if not shutil.which("c++"):
+            wanted.append("g++")
     if not VENV.exists() and _run([sys.executable, "-c", "import ensurepip"]).returncode != 0:
         wanted.append("python3-venv")
     out: dict[str, Any] = {"apt_installed": wanted}
@@ -165,7 +193,7 @@ def _extract_pyfuse3_example(version: str | None) -> str | None:
     """Download the pyfuse3 sdist matching the installed version and keep its passthroughfs example."""
     spec = f"pyfuse3=={version}" if version else "pyfuse3"
     with tempfile.TemporaryDirectory(prefix="fusepass-bench-sdist-") as tmp:
-        proc = _run([str(venv_python()), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+        proc = _run([str(venv_python()), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "pyfuse3",
                      spec, "-d", tmp], timeout=600)
         archives = glob.glob(os.path.join(tmp, "pyfuse3-*.tar.gz"))
         if proc.returncode != 0 or not archives:
@@ -179,6 +207,50 @@ def _extract_pyfuse3_example(version: str | None) -> str | None:
             PEERS_DIR.mkdir(parents=True, exist_ok=True)
             PYFUSE3_EXAMPLE.write_bytes(data.read())
     return None
+
+
+# --- libfuse's passthrough_hp ---------------------------------------------------------------------
+
+
+def _ensure_passthrough_hp(tarball: str | None, log: Log) -> dict[str, Any]:
+    """Build passthrough_hp from ``tarball`` under the venv's peers folder (once per tarball)."""
+    if not tarball:
+        return {"ok": False, "error": f"no libfuse source tarball (give --libfuse-tarball or {LIBFUSE_TARBALL_ENV})"}
+    if not os.path.isfile(tarball):
+        return {"ok": False, "error": f"no libfuse source tarball at {tarball}"}
+    binary = passthrough_hp_binary(tarball)
+    if binary.exists():
+        return {"ok": True, "binary": str(binary), "tarball": tarball}
+    for tool in LIBFUSE_BUILD_TOOLS:
+        if not (VENV / "bin" / tool).exists():
+            log(f"setup: installing {tool} into {VENV}")
+            proc = _run([str(venv_python()), "-m", "pip", "install", "-q", tool], timeout=600)
+            if proc.returncode != 0:
+                return {"ok": False, "error": f"pip install {tool} failed: {_tail(proc.stdout + proc.stderr)}"}
+    if not shutil.which("pkg-config") or not shutil.which("c++"):
+        return {"ok": False, "error": "building passthrough_hp needs pkg-config and a C++ compiler "
+                "(apt-get install pkg-config g++)"}
+    top = binary.parent.parent.parent
+    log(f"setup: building libfuse's passthrough_hp from {tarball} in {top}")
+    shutil.rmtree(top, ignore_errors=True)
+    PEERS_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=PEERS_DIR) as tmp:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        roots = [p for p in Path(tmp).iterdir() if (p / "meson.build").exists()]
+        if len(roots) != 1:
+            return {"ok": False, "error": f"{tarball} holds no single source tree with a meson.build"}
+        roots[0].rename(top)
+    env = dict(os.environ, PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    for cmd in (["meson", "setup", "build", "-Dutils=false", "-Dtests=false", "-Dexamples=true"],
+                ["ninja", "-C", "build", "example/passthrough_hp"]):
+        proc = subprocess.run([str(VENV / "bin" / cmd[0]), *cmd[1:]], cwd=top, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=1800, check=False)
+        if proc.returncode != 0:
+            return {"ok": False, "error": f"{' '.join(cmd)} failed: {_tail(proc.stdout + proc.stderr)}"}
+    if not binary.exists():
+        return {"ok": False, "error": f"the build made no {binary}"}
+    return {"ok": True, "binary": str(binary), "tarball": tarball}
 
 
 # --- helpers ------------------------------------------------------------------------------------

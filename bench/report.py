@@ -17,15 +17,17 @@ from typing import Any
 from .workloads import FULL, STEPS, Step
 
 STEP_BY_ID = {s.id: s for s in STEPS}
-CONFIG_ORDER = ["native", "fusepass-pt", "fusepass-served", "pyfuse3", "mfusepy"]
+CONFIG_ORDER = ["native", "fusepass-pt", "fusepass-served", "passthrough_hp", "pyfuse3", "mfusepy"]
 FAMILIES = {
     "sequential": "Sequential I/O, fio bs=1M (MiB/s, higher is better)",
     "random": "Random 4 KiB reads, fio psync (IOPS, higher is better)",
     "metadata": "Metadata (files per second, higher is better)",
     "trees": "Trees of small files (seconds, lower is better)",
+    "coherence": "Change visibility, and server CPU under unrelated writes (ms, lower is better)",
 }
 DATA_STEPS = ["seqread", "seqwrite", "randread1", "randread2"]
-META_STEPS = ["meta-create", "meta-stat", "meta-list", "meta-delete", "tar", "untar", "compileall"]
+META_STEPS = ["meta-create", "meta-stat", "meta-list", "meta-delete", "tar", "untar", "compileall", "rmrf"]
+REFERENCE = "passthrough_hp"  # issue 11 compares fusepass with it
 CPU_BOUND = {"compileall"}  # the interpreter's own work dominates: "faster" is the target, not 1.5x
 
 
@@ -98,7 +100,8 @@ def markdown(raw: dict[str, Any]) -> str:
         for c in configs:
             f = figures.get((step.id, c))
             if f is None:
-                cells.append("failed" if _failed(raw, step.id, c) else "–")
+                error = _failed(raw, step.id, c)
+                cells.append("never" if error.startswith("never visible") else "failed" if error else "–")
                 continue
             cell = f"**{fmt(f.median)}** ({fmt(f.low)}–{fmt(f.high)})"
             if c != "native":
@@ -107,6 +110,8 @@ def markdown(raw: dict[str, Any]) -> str:
             cells.append(cell)
         out.append(f"| {step.id}: {step.label} | {step.unit} | " + " | ".join(cells) + " |")
     out += ["", *targets_table(raw, figures), ""]
+    out += reference_targets(raw, figures)
+    out += coherence_section(raw)
     charts = raw.get("charts", [])
     if charts:
         out += ["## Charts", "", "Bars are medians, whiskers the min–max over rounds.", ""]
@@ -136,8 +141,10 @@ def _facts(conf: dict[str, Any]) -> str:
     return f" ({'; '.join(bits)})" if bits else ""
 
 
-def _failed(raw: dict[str, Any], step: str, config: str) -> bool:
-    return any(m["step"] == step and m["config"] == config and m.get("error") for m in raw["measurements"])
+def _failed(raw: dict[str, Any], step: str, config: str) -> str:
+    """The error of a failed measurement of ``step`` on ``config`` ("" if none failed)."""
+    return next((m["error"] for m in raw["measurements"]
+                 if m["step"] == step and m["config"] == config and m.get("error")), "")
 
 
 def quick(raw: dict[str, Any]) -> bool:
@@ -184,6 +191,66 @@ def targets_table(raw: dict[str, Any], figures: dict[tuple[str, str], Figure]) -
             "Ratios are speed ratios of medians (>1: the first is faster). Metadata rows must beat both peers; "
             "×1.5 where the filesystem's work dominates, merely faster for compileall (CPU-bound).", "",
             "| target | figure | needed | verdict |", "|---|---|---|---|", *rows]
+
+
+def reference_targets(raw: dict[str, Any], figures: dict[tuple[str, str], Figure]) -> list[str]:
+    """Issue 11's targets: fusepass (passthrough) against libfuse's passthrough_hp, and its own figures."""
+    if REFERENCE not in raw["configs"] and "fusepass-pt" not in raw["configs"]:
+        return []
+    rows = []
+    for sid in raw["steps"]:
+        step = STEP_BY_ID[sid]
+        if step.family == "coherence":
+            continue
+        need = 0.97 if sid in DATA_STEPS else 1.2 if sid in ("meta-create", "untar") else 1.0
+        ratio = speed_ratio(step, figures.get((sid, "fusepass-pt")), figures.get((sid, REFERENCE)))
+        verdict = "n/a" if ratio is None else ("met" if ratio >= need else "missed")
+        rows.append(f"| fusepass-pt vs {REFERENCE}: {sid} | {'×' + fmt(ratio) if ratio else '–'} | ×{need:g} | "
+                    f"{verdict} |")
+    p99s = [m["extra"]["p99_ms"] for m in raw["measurements"] if m["config"] == "fusepass-pt"
+            and m["step"] == "visibility" and m.get("value") is not None]
+    if "visibility" in raw["steps"]:
+        worst = max(p99s) if p99s else None
+        verdict = "n/a" if worst is None else ("met" if worst < 50 else "missed")
+        rows.append(f"| fusepass-pt: p99 of a source change's visibility (worst round) | "
+                    f"{fmt(worst) + ' ms' if worst is not None else 'never'} | < 50 ms | "
+                    f"{verdict if p99s or not _failed(raw, 'visibility', 'fusepass-pt') else 'missed'} |")
+    per_file = getxattr_per_file(raw, "fusepass-pt")
+    if per_file is not None:
+        rows.append(f"| fusepass-pt: GETXATTR per written file (untar) | {per_file:.2f} | ≤ 1 | "
+                    f"{'met' if per_file <= 1 else 'missed'} |")
+    if not rows:
+        return []
+    return ["## Targets (issue 11)", "",
+            f"Speed ratios of medians, fusepass with passthrough against {REFERENCE} (>1: fusepass is faster).", "",
+            "| target | figure | needed | verdict |", "|---|---|---|---|", *rows, ""]
+
+
+def getxattr_per_file(raw: dict[str, Any], config: str) -> float | None:
+    """GETXATTR requests per file the untar step wrote, averaged over rounds (None without counts)."""
+    counts = [m["requests"].get("GETXATTR", {}).get("count", 0) for m in raw["measurements"]
+              if m["config"] == config and m["step"] == "untar" and m.get("requests") is not None
+              and m.get("value") is not None]
+    files = raw.get("data", {}).get("tree_files") or raw["params"]["tree_files"]
+    return statistics.mean(counts) / files if counts and files else None
+
+
+def coherence_section(raw: dict[str, Any]) -> list[str]:
+    """Per configuration and round: the visibility percentiles and misses, the churn writer's time."""
+    rows = []
+    for m in raw["measurements"]:
+        extra = m.get("extra") or {}
+        if m["step"] == "visibility" and "changes" in extra:
+            rows.append(f"| {m['config']} | {m['round']} | visibility | median {fmt(extra.get('p50_ms'))} ms, "
+                        f"p99 {fmt(extra.get('p99_ms'))} ms, max {fmt(extra.get('max_ms'))} ms over "
+                        f"{extra['changes'] - extra['misses']:,} changes seen; {extra['misses']} not seen |")
+        elif m["step"] == "churn-cpu" and "writer_s" in extra:
+            rows.append(f"| {m['config']} | {m['round']} | churn | server CPU {fmt(m.get('value'))} ms while the "
+                        f"writer made {extra['files']:,} files in {extra['writer_s']:.2f} s "
+                        f"(its own CPU {extra['writer_cpu_s']:.2f} s) |")
+    if not rows:
+        return []
+    return ["## Coherence details", "", "| config | round | workload | figures |", "|---|---|---|---|", *rows, ""]
 
 
 def requests_section(raw: dict[str, Any]) -> list[str]:
@@ -243,7 +310,7 @@ def charts(raw: dict[str, Any], outdir: Path) -> tuple[list[str], str | None]:
         return [], f"no charts: matplotlib is not available ({e})"
     figures = summarize(raw["measurements"])
     configs = [c for c in CONFIG_ORDER if c in raw["configs"]]
-    colours = dict(zip(CONFIG_ORDER, ("#555555", "#1f77b4", "#6baed6", "#ff7f0e", "#2ca02c"), strict=True))
+    colours = dict(zip(CONFIG_ORDER, ("#555555", "#1f77b4", "#6baed6", "#d62728", "#ff7f0e", "#2ca02c"), strict=True))
     names = []
     for family, title in FAMILIES.items():
         steps = [STEP_BY_ID[s] for s in raw["steps"] if STEP_BY_ID[s].family == family]

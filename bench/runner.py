@@ -1,7 +1,9 @@
 """The run: rounds of every configuration over every workload, recorded as they happen.
 
 Round r visits the configurations in an order rotated by r, so drift on a busy machine hits all of them
-alike. A configuration is mounted once per round and runs every selected step; a step that times out
+alike. A configuration is mounted afresh for each workload of a round (the steps of one workload share
+the mount: the metadata phases see what create left in the kernel's caches), so no server carries one
+workload's inodes into the next (passthrough_hp holds a descriptor for each); a step that times out
 kills its process group, the mount is torn down (aborted if need be) and mounted again for the steps
 left. ``raw.json`` is rewritten after every measurement, so even an interrupted run leaves its data.
 """
@@ -87,6 +89,10 @@ def run(args: Any, setup: dict[str, Any], argv: list[str]) -> int:
     params: Params = workloads.QUICK if args.quick else workloads.FULL
     if args.rounds:
         params = replace(params, rounds=args.rounds)
+    if args.visibility_changes:
+        params = replace(params, visibility_changes=args.visibility_changes)
+    if args.churn_files:
+        params = replace(params, churn_files=args.churn_files)
     steps = [s for s in workloads.STEPS if s.workload in args.workloads]
     targets = [t for t in make_targets(args.threads, args.fusepass_opts, setup) if t.name in args.configs]
     work = os.path.abspath(args.workdir)
@@ -166,20 +172,22 @@ def _config_round(t: Target, r: int, params: Params, steps: list[Step], work: st
     rec.raw["meta"]["load_samples"].append(os.getloadavg()[0])
     workloads.prepare_round(work, tag, steps)
     remaining = list(steps)
+    retries = 2
     try:
-        for _attempt in range(3):
-            if not remaining:
-                break
+        while remaining:
+            workload = remaining[0].workload
             try:
                 progress.begin(f"r{r + 1} {t.name} mounting")
                 with t.mounted(src, mnt, str(outdir / "logs" / f"{tag}.log")) as m:
                     if m.facts:
                         rec.raw["configs"][t.name]["facts"] = m.facts
-                    while remaining:
+                    while remaining and remaining[0].workload == workload:
                         step = remaining.pop(0)
                         _one_step(t, m, step, r, tag, params, work, rec, progress, timeout_scale)
             except _Remount:
-                continue
+                if retries == 0:
+                    break
+                retries -= 1
             except MountFailed as e:
                 _skip(t, r, remaining, f"mount failed: {e}", rec, progress)
                 remaining = []
@@ -201,8 +209,12 @@ def _skip(t: Target, r: int, steps: list[Step], why: str, rec: Recorder, progres
 def _one_step(t: Target, m: Mounted, step: Step, r: int, tag: str, params: Params, work: str, rec: Recorder,
               progress: Progress, timeout_scale: float) -> None:
     progress.begin(f"r{r + 1} {t.name} {step.id}")
+    if step.needs_server and m.server_pid is None:
+        progress.step(f"r{r + 1} {t.name:<16} {step.id:<12} n/a (no server process)")
+        return
     ctx = Context(base=m.path, scratch=os.path.join(m.path, "scratch", tag), work=work, params=params,
-                  timeout=step.timeout(params) * timeout_scale)
+                  timeout=step.timeout(params) * timeout_scale,
+                  source_scratch=os.path.join(work, "src", "scratch", tag), server_pid=m.server_pid)
     before = m.status()
     start = time.perf_counter()
     value: float | None = None

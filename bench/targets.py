@@ -1,10 +1,10 @@
 """The configurations under test, each a way to present the source directory at a path.
 
 ``native`` is the source itself. The others are FUSE mounts of it: fusepass (passthrough on, or served
-with passthrough off) through its own command, and the two Python peers as child processes of this
-benchmark. Every mount is torn down in ``Target.mounted``'s exit, whatever happened: a polite unmount
-first, then aborting the connection through fusectl and a lazy unmount, and the server process ends or
-is stopped by its pid.
+with passthrough off) through its own command, and the peers (libfuse's C passthrough_hp and two Python
+filesystems) as child processes of this benchmark. Every mount is torn down in ``Target.mounted``'s exit,
+whatever happened: a polite unmount first, then aborting the connection through fusectl and a lazy
+unmount, and the server process ends or is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -121,19 +121,17 @@ class Fusepass(Target):
 
 
 class Peer(Target):
-    """A peer's example filesystem run as a foreground child process of the benchmark."""
+    """A peer's example filesystem run as a foreground child process of the benchmark: ``command``
+    followed by the source and the mount point."""
 
-    def __init__(self, name: str, label: str, script: Path, unavailable: str | None) -> None:
+    def __init__(self, name: str, label: str, command: list[str], unavailable: str | None) -> None:
         self.name, self.label = name, label
-        self.script = script
+        self.command = command
         self.unavailable = unavailable
-
-    def command(self, source: str, mnt: str) -> list[str]:
-        return [str(envmod.venv_python()), str(self.script), source, mnt]
 
     @contextlib.contextmanager
     def mounted(self, source: str, mnt: str, logfile: str) -> Iterator[Mounted]:
-        cmd = self.command(source, mnt)
+        cmd = [*self.command, source, mnt]
         with open(logfile, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -163,8 +161,12 @@ class Peer(Target):
 
 
 def make_targets(threads: int | None, fusepass_options: str | None, setup: dict[str, Any]) -> list[Target]:
-    """All five configurations, in the order the tables show them."""
+    """All six configurations, in the order the tables show them."""
     packages = setup.get("packages", {})
+    hp = setup.get("passthrough_hp") or {}
+    hp_binary = hp.get("binary", "passthrough_hp")
+    hp_missing = None if hp.get("ok") and os.path.exists(hp_binary) else (
+        hp.get("error") or f"passthrough_hp was not built ({hp_binary} is missing)")
 
     def why_not(name: str, example: Path) -> str | None:
         entry = packages.get(name, {})
@@ -178,9 +180,11 @@ def make_targets(threads: int | None, fusepass_options: str | None, setup: dict[
         Native(),
         Fusepass("on", threads, fusepass_options),
         Fusepass("off", threads, fusepass_options),
-        Peer("pyfuse3", "pyfuse3 examples/passthroughfs.py", envmod.PYFUSE3_EXAMPLE,
+        Peer("passthrough_hp", "libfuse example/passthrough_hp (C, low-level API, passthrough, 86,400 s caches)",
+             [hp_binary, "--foreground"], hp_missing),
+        Peer("pyfuse3", "pyfuse3 examples/passthroughfs.py", [str(envmod.venv_python()), str(envmod.PYFUSE3_EXAMPLE)],
              why_not("pyfuse3", envmod.PYFUSE3_EXAMPLE)),
-        Peer("mfusepy", "mfusepy loopback (bench/peers)", envmod.MFUSEPY_LOOPBACK,
+        Peer("mfusepy", "mfusepy loopback (bench/peers)", [str(envmod.venv_python()), str(envmod.MFUSEPY_LOOPBACK)],
              why_not("mfusepy", envmod.MFUSEPY_LOOPBACK)),
     ]
 

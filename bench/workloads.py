@@ -3,7 +3,9 @@
 All data lives in a work directory on the machine's own disk: ``src/`` is the source every configuration
 presents, ``tree.tar`` and ``pysrc/`` sit beside it. Read workloads use ``src/data`` and ``src/tree``
 (shared, never written); write workloads use ``src/scratch/<config>-r<round>/``, made natively before the
-configuration is mounted and removed natively after it is unmounted. The host page cache is warm for
+configuration is mounted and removed natively after it is unmounted. The coherence workloads change the
+source directly (``visibility``) or write beside it (``churn``, in ``churn-<config>-r<round>/`` of the work
+directory: the same filesystem, outside the source). The host page cache is warm for
 every configuration: each one's inputs are read natively just before it is mounted, and nothing drops
 caches; dirty data is synced before each configuration starts, so none is still being written back.
 """
@@ -40,10 +42,18 @@ class Params:
     tree_files: int
     compile_files: int
     rounds: int
+    visibility_changes: int
+    churn_files: int
 
 
-FULL = Params(seq_mib=1024, rand_runtime=10, meta_files=10_000, tree_files=20_000, compile_files=0, rounds=3)
-QUICK = Params(seq_mib=128, rand_runtime=3, meta_files=1_000, tree_files=2_000, compile_files=200, rounds=1)
+# The tree stays under 20,000 entries: passthrough_hp holds a descriptor per inode the kernel knows, and a
+# descriptor limit of 20,000 is common.
+FULL = Params(seq_mib=1024, rand_runtime=10, meta_files=10_000, tree_files=18_000, compile_files=0, rounds=3,
+              visibility_changes=1000, churn_files=100_000)
+QUICK = Params(seq_mib=128, rand_runtime=3, meta_files=1_000, tree_files=2_000, compile_files=200, rounds=1,
+               visibility_changes=50, churn_files=10_000)
+VISIBILITY_GIVE_UP = 3.0  # seconds after which a change counts as not seen
+VISIBILITY_MAX_MISSES = 3  # consecutive changes not seen before the step stops: the mount never shows them
 
 
 class StepFailed(Exception):
@@ -61,6 +71,8 @@ class Context:
     work: str  # the work directory (outside the source)
     params: Params
     timeout: float  # seconds this step may take before it is killed
+    source_scratch: str = ""  # ``scratch`` as a path in the source itself, to change it behind the mount's back
+    server_pid: int | None = None  # the FUSE server's process, if there is one
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +86,7 @@ class Step:
     higher_better: bool
     timeout: Callable[[Params], float]
     run: Callable[[Context], float]
+    needs_server: bool = False  # only for configurations with a server process (not native)
 
 
 # --- running commands -------------------------------------------------------------------------------
@@ -183,8 +196,60 @@ def untar(ctx: Context) -> float:
                   ctx.timeout)
 
 
+def rm_rf(ctx: Context) -> float:
+    return _timed(["rm", "-rf", os.path.join(ctx.scratch, "rmrf")], ctx.timeout)
+
+
 def compileall(ctx: Context) -> float:
     return _timed([sys.executable, "-m", "compileall", "-q", os.path.join(ctx.scratch, "compile")], ctx.timeout)
+
+
+# --- coherence --------------------------------------------------------------------------------------
+
+
+def visibility(ctx: Context) -> float:
+    """Median milliseconds from a change made in the source to its sight through the mount."""
+    n = ctx.params.visibility_changes
+    out = run_cmd([sys.executable, "-m", "bench.coherence", os.path.join(ctx.source_scratch, "vis"),
+                   os.path.join(ctx.scratch, "vis"), str(n), "--give-up", str(VISIBILITY_GIVE_UP),
+                   "--max-misses", str(VISIBILITY_MAX_MISSES)], ctx.timeout).stdout
+    result = json.loads(out)
+    ctx.extra.update(result)
+    if result["misses"]:
+        raise StepFailed(f"never visible: {result['misses']} of {result['changes']} changes not seen within "
+                         f"{VISIBILITY_GIVE_UP:g} s (the mount keeps what it cached)")
+    return float(result["p50_ms"])
+
+
+def _visibility_timeout(p: Params) -> float:
+    return 60 + p.visibility_changes * 1.5 + VISIBILITY_GIVE_UP * VISIBILITY_MAX_MISSES
+
+
+def churn_cpu(ctx: Context) -> float:
+    """The server's CPU milliseconds while another process writes small files beside the source."""
+    assert ctx.server_pid is not None
+    churn = os.path.join(ctx.work, "churn-" + os.path.basename(ctx.scratch))
+    shutil.rmtree(churn, ignore_errors=True)
+    os.makedirs(churn)
+    try:
+        before = process_cpu_s(ctx.server_pid)
+        out = run_cmd([sys.executable, "-m", "bench.churn", churn, str(ctx.params.churn_files)], ctx.timeout).stdout
+        after = process_cpu_s(ctx.server_pid)
+    finally:
+        shutil.rmtree(churn, ignore_errors=True)
+    writer = json.loads(out)
+    ctx.extra.update(writer_s=writer["seconds"], writer_cpu_s=writer["cpu_s"], files=writer["files"])
+    return (after - before) * 1000
+
+
+def process_cpu_s(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far (all its threads), from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError as e:
+        raise StepFailed(f"cannot read the server's CPU time: {e}") from None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _meta_step(phase: str, label: str) -> Step:
@@ -208,6 +273,11 @@ STEPS: list[Step] = [
     Step("untar", "untar", "trees", "untar the tree", "s", False, _tree_timeout, untar),
     Step("compileall", "compileall", "trees", "python -m compileall", "s", False,
          lambda p: 60 + (p.compile_files or 2000) / 5, compileall),
+    Step("rmrf", "rmrf", "trees", "rm -rf of the tree", "s", False, _tree_timeout, rm_rf),
+    Step("visibility", "visibility", "coherence", "a change in the source seen through the mount (median)", "ms",
+         False, _visibility_timeout, visibility),
+    Step("churn-cpu", "churn", "coherence", "server CPU while another process writes small files beside the source",
+         "ms", False, lambda p: 120 + p.churn_files / 200, churn_cpu, needs_server=True),
 ]
 WORKLOADS = list(dict.fromkeys(s.workload for s in STEPS))
 
@@ -226,6 +296,13 @@ def describe_params(p: Params, data: dict[str, Any]) -> dict[str, str]:
         "untar": "tar -xf of that tree's archive into a new directory",
         "compileall": f"python -m compileall -q over {data.get('compile_chosen', 0):,} stdlib .py files "
                       f"({data.get('compile_mib', 0):.0f} MiB)",
+        "rmrf": "rm -rf of a copy of that tree (made natively before mounting)",
+        "visibility": f"{p.visibility_changes:,} changes of a file's size made in the source directly, each followed "
+                      "by stat through the mount (every 0.2 ms) until the new size shows: median and p99 ms; "
+                      f"a change unseen after {VISIBILITY_GIVE_UP:g} s is a miss, {VISIBILITY_MAX_MISSES} "
+                      "misses in a row end the step",
+        "churn": f"the server's CPU time (/proc/PID/stat) while another process creates and writes "
+                 f"{p.churn_files:,} files of 100 bytes beside the source on the same filesystem",
     }
 
 
@@ -312,7 +389,11 @@ def prepare_round(work: str, tag: str, steps: list[Step]) -> str:
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(os.path.join(scratch, "meta"))
     os.makedirs(os.path.join(scratch, "untar"))
+    os.makedirs(os.path.join(scratch, "vis"))
     ids = {s.id for s in steps}
+    if "rmrf" in ids:
+        os.makedirs(os.path.join(scratch, "rmrf"))
+        run_cmd(["tar", "-xf", os.path.join(work, "tree.tar"), "-C", os.path.join(scratch, "rmrf")], 600)
     if "compileall" in ids:
         shutil.copytree(os.path.join(work, "pysrc"), os.path.join(scratch, "compile"))
     if ids & {"seqread", "randread1", "randread2"}:
@@ -327,6 +408,7 @@ def prepare_round(work: str, tag: str, steps: list[Step]) -> str:
 
 def cleanup_round(work: str, tag: str) -> None:
     shutil.rmtree(os.path.join(work, "src", "scratch", tag), ignore_errors=True)
+    shutil.rmtree(os.path.join(work, f"churn-{tag}"), ignore_errors=True)
 
 
 def _read_all(path: str) -> None:

@@ -1,6 +1,6 @@
 """ctypes wrappers for the Linux calls Python's ``os`` module lacks: mount and umount2, ioctls that
 return a value, renameat2, file handles, fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on
-O_PATH descriptors, statx, fstatfs. Every ctypes handle of the package lives here."""
+O_PATH descriptors, statx, fstatfs, fanotify. Every ctypes handle of the package lives here."""
 
 from __future__ import annotations
 
@@ -135,3 +135,17 @@ def fs_magic(fd: int) -> int:
     if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
         return 0
     return int(buf.f_type) & 0xFFFFFFFF
+
+
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    """A new fanotify group: the descriptor its events are read from."""
+    return _check(_libc.fanotify_init(flags, event_f_flags), "fanotify_init")
+
+
+def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: bytes | None) -> None:
+    """Add, change or remove the mark of ``path`` (relative to ``dirfd``) in an fanotify group."""
+    _check(_libc.fanotify_mark(group_fd, flags, mask, dirfd, path), "fanotify_mark", path)

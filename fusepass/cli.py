@@ -38,14 +38,16 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2 (USAGE); nothing is mounted."""
 
 
-def _mirror_options(unknown: list[str]) -> dict[str, float | int]:
+def _mirror_options(unknown: list[str]) -> dict[str, float | int | bool]:
     """fusepass's own -o options: ``timeout=SECONDS`` (entry/attribute cache), ``max_path_fds=N``,
-    ``max_stack_depth=1|2`` (default: 2 if the source is on FUSE or overlayfs, else 1)."""
-    out: dict[str, float | int] = {}
+    ``max_stack_depth=1|2`` (default: 2 if the source is on FUSE or overlayfs, else 1), ``nowatch``."""
+    out: dict[str, float | int | bool] = {}
     for item in unknown:
         key, _, value = item.partition("=")
         try:
-            if key == "timeout":
+            if item in ("nowatch", "watch"):
+                out["watch"] = item == "watch"
+            elif key == "timeout":
                 out["timeout"] = float(value)
                 if not 0 <= out["timeout"] <= MAX_TIMEOUT:  # also false for NaN
                     raise UsageError(f"timeout must be a number of seconds from 0 to {MAX_TIMEOUT}, not {value}")
@@ -415,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", help="an existing directory to mount the mirror on")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="comma-separated options (repeatable): ro, allow_other, default_permissions (on), "
-                        "fsname=NAME, timeout=SECONDS (entry and attribute cache, default 1), "
-                        "max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2")
+                        "fsname=NAME, timeout=SECONDS (entry and attribute cache; default 86400 while the "
+                        "source is watched for changes, else 1), nowatch (do not watch the source: short "
+                        "caches), max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
     m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                    help="kernel passthrough of file data: auto (where the kernel and privileges allow), "

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import abi, syscalls
+from .coherence import Coherence
 from .ops import (
     ROOT_ID,
     Attr,
@@ -40,6 +41,7 @@ from .ops import (
     StatfsReply,
     StatxReply,
 )
+from .watcher import Change, Event, SourceWatcher, WatcherUnavailable
 
 log = logging.getLogger("fusepass.mirror")
 
@@ -53,6 +55,10 @@ _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _NO_CHANGES = Changes()
 _CAPABILITY = b"security.capability"
 _DOTS = (b".", b"..")
+#: Cache timeouts (seconds) for names and attributes: without a watcher, changes made in the source
+#: directly show through the mount within this time; with one, the kernel keeps what it has until told.
+SHORT_TIMEOUT = 1.0
+LONG_TIMEOUT = 86400.0
 
 
 
@@ -92,13 +98,14 @@ class Mirror(Operations):
 
     readdirplus = True
 
-    def __init__(self, source: str, *, timeout: float = 1.0, max_path_fds: int = 8192) -> None:
+    def __init__(self, source: str, *, timeout: float | None = None, max_path_fds: int = 8192,
+                 watch: bool = True) -> None:
         self.source = os.path.realpath(source)
         st = os.stat(self.source)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "source is not a directory", self.source)
-        # A name missing from the source is remembered as missing for as long as a name found is.
-        self.entry_timeout = self.attr_timeout = self.negative_timeout = timeout
+        self._timeout = timeout
+        self._set_timeouts(timeout if timeout is not None else SHORT_TIMEOUT)
         self.max_path_fds = max_path_fds
         self._lock = threading.Lock()
         root_fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -119,6 +126,20 @@ class Mirror(Operations):
         # the empty SETATTR that follows is the rest of that, not a chown(f, -1, -1).
         self._privileges_removed: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._source_state: str | None = None  # what became of the source directory, once noticed
+        # Keeping the kernel's caches true (decided at INIT): the watcher of the source, the
+        # directories it marks (by file handle), and why there is none, in words.
+        self._by_handle: dict[bytes, Inode] = {}
+        self._watch_lock = threading.Lock()
+        self.watcher: SourceWatcher | None = None
+        self.coherence: Coherence | None = None
+        self.watch_why_not: str | None = None if watch else "switched off (-o nowatch)"
+        if watch and not self.handles:
+            self.watch_why_not = ("file handles cannot be opened without CAP_DAC_READ_SEARCH, so changed files "
+                                  "cannot be named")
+
+    def _set_timeouts(self, seconds: float) -> None:
+        # A name missing from the source is remembered as missing for as long as a name found is.
+        self.entry_timeout = self.attr_timeout = self.negative_timeout = seconds
 
     @property
     def stacked(self) -> bool:
@@ -135,6 +156,39 @@ class Mirror(Operations):
         F = abi.InitFlag
         conn.want |= F.POSIX_ACL | F.DONT_MASK | F.HANDLE_KILLPRIV_V2
         self.killpriv_v2 = bool(conn.kernel_flags & F.HANDLE_KILLPRIV_V2) and conn.proto_minor >= 33
+        if self.watch_why_not is None and conn.notifier is not None:
+            self._start_watching(conn)
+
+    def _start_watching(self, conn: ConnectionInfo) -> None:
+        """Watch the source, so that the kernel may cache names, attributes and listings for long
+        (``LONG_TIMEOUT`` unless a timeout was given): every change made behind the mount's back
+        becomes a notification. Without a watcher the short timeouts stay."""
+        assert conn.notifier is not None
+        try:
+            watcher = SourceWatcher(self.source, self._on_changes)
+        except WatcherUnavailable as e:
+            self.watch_why_not = str(e)
+            log.info("changes to the source are not watched (%s): short cache timeouts", e)
+            return
+        self._by_handle[watcher.root_handle] = self._inodes[ROOT_ID]  # (the root is never evicted: no handle)
+        self.coherence = Coherence(conn.notifier, self._resolve, self._known)
+        self.watcher = watcher.start()
+        self._set_timeouts(self._timeout if self._timeout is not None else LONG_TIMEOUT)
+
+    def _resolve(self, handle: bytes) -> int | None:
+        inode = self._by_handle.get(handle)
+        return inode.nodeid if inode is not None else None
+
+    def _known(self) -> list[int]:
+        with self._lock:
+            return list(self._inodes)
+
+    def _on_changes(self, changes: list[Change]) -> None:
+        assert self.coherence is not None and self.watcher is not None
+        root = self.watcher.root_handle
+        if any(c.handle == root and c.events & (Event.DELETE_SELF | Event.MOVE_SELF) for c in changes):
+            self.source_state()  # logs it
+        self.coherence.apply(changes)
 
     # --- policy hooks for subclasses -----------------------------------------------------
 
@@ -234,8 +288,10 @@ class Mirror(Operations):
             self._lru[nodeid] = None
             self._lru.move_to_end(nodeid, last=False)
 
-    def _remember(self, fd: int, st: os.stat_result, pin: bool = False) -> Inode:
-        """Take ownership of ``fd`` (O_PATH) for the inode it names; count one lookup.
+    def _remember(self, fd: int, st: os.stat_result, pin: bool = False) -> tuple[Inode, os.stat_result]:
+        """Take ownership of ``fd`` (O_PATH) for the inode it names; count one lookup. Returns the
+        inode and the attributes to hand the kernel (``st``, or newer if the directory was just
+        marked for watching: what changed before the mark is in them, what changes after, reported).
         ``pin``: also mark the descriptor busy (release it with ``_release_fd``).
 
         An inode whose descriptor is open is the same file as anything with its (st_dev,
@@ -250,7 +306,7 @@ class Mirror(Operations):
                 inode.lookups += 1
                 inode.busy += pin
                 os.close(fd)
-                return inode
+                return inode, st
         handle = None
         if self.handles:
             try:
@@ -268,17 +324,45 @@ class Mirror(Operations):
                     self._evict()
                 else:
                     os.close(fd)
-                return inode
+                return inode, st
             if inode is not None:  # the inode number now belongs to another file
                 del self._by_key[key]
-            inode = Inode(self._next_nodeid, key, kind, fd, handle, lookups=1, busy=int(pin))
+            inode = Inode(self._next_nodeid, key, kind, fd, handle, lookups=1, busy=int(pin) + 1)
             self._next_nodeid += 1
             self._inodes[inode.nodeid] = inode
             self._by_key[key] = inode
             if handle is not None:
+                self._by_handle[handle] = inode
                 self._lru[inode.nodeid] = None
                 self._evict()
-            return inode
+        try:
+            if self.watcher is not None and kind == stat.S_IFDIR:
+                st = self._watch(inode, fd)
+        finally:
+            self._release_fd(inode)  # held busy until marked, so the descriptor stayed this directory's
+        return inode, st
+
+    def _watch(self, inode: Inode, fd: int) -> os.stat_result:
+        """Mark a directory the kernel is about to learn; its attributes as of the mark."""
+        assert self.watcher is not None
+        with self._watch_lock:
+            try:
+                self.watcher.watch(fd)
+            except OSError as e:
+                log.warning("cannot watch a directory of the source (%s): its changes may stay unseen "
+                            "for up to %s s", e, self.attr_timeout)
+        return os.fstat(fd)
+
+    def _unwatch(self, inode: Inode, fd: int) -> None:
+        """Remove the mark of a directory the kernel forgot (unless it has been learnt again meanwhile)."""
+        assert self.watcher is not None
+        with self._watch_lock:
+            if self._by_key.get(inode.key) is not None:
+                return
+            try:
+                self.watcher.unwatch(fd)
+            except OSError as e:
+                log.debug("unwatching a forgotten directory: %s", e)
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, st, self.entry_timeout, self.attr_timeout)
@@ -309,7 +393,7 @@ class Mirror(Operations):
         except BaseException:
             os.close(fd)
             raise
-        return self._entry(self._remember(fd, st), st)
+        return self._entry(*self._remember(fd, st))
 
     @staticmethod
     def _same_file(dirfd: int, name: bytes, inode: Inode) -> bool:
@@ -328,7 +412,7 @@ class Mirror(Operations):
         except BaseException:
             _discard_created(dirfd, name, fd)
             raise
-        return self._entry(self._remember(fd, st), st)
+        return self._entry(*self._remember(fd, st))
 
     def _give_to_caller(self, ctx: Context, fd: int, dirfd: int, mode: int) -> os.stat_result:
         """Make the object behind ``fd``, which the server created, look as if the caller had
@@ -362,6 +446,7 @@ class Mirror(Operations):
             return self._lookup_at(pfd, name)
 
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        unwatch: list[Inode] = []
         with self._lock:
             for nodeid, n in items:
                 inode = self._inodes.get(nodeid)
@@ -372,10 +457,28 @@ class Mirror(Operations):
                     del self._inodes[nodeid]
                     if self._by_key.get(inode.key) is inode:
                         del self._by_key[inode.key]
+                    if inode.handle is not None and self._by_handle.get(inode.handle) is inode:
+                        del self._by_handle[inode.handle]
                     self._lru.pop(nodeid, None)
-                    if inode.fd >= 0 and inode.busy == 0:
+                    if self.watcher is not None and inode.kind == stat.S_IFDIR:
+                        inode.busy += 1  # its descriptor names it until the mark is gone
+                        unwatch.append(inode)
+                    elif inode.fd >= 0 and inode.busy == 0:
                         os.close(inode.fd)
                         inode.fd = -1
+        for inode in unwatch:
+            self._forget_directory(inode)
+
+    def _forget_directory(self, inode: Inode) -> None:
+        try:
+            fd = inode.fd if inode.fd >= 0 else syscalls.open_by_handle(self._mount_fd, inode.handle or b"", os.O_PATH)
+        except OSError:
+            fd = -1  # gone from the source: its mark went with it
+        if fd >= 0:
+            self._unwatch(inode, fd)
+            if fd != inode.fd:
+                os.close(fd)
+        self._release_fd(inode)
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> os.stat_result:
         if fh is not None and ino != ROOT_ID and fh in self._files:
@@ -515,7 +618,9 @@ class Mirror(Operations):
         with self._lock:
             self._files[fd] = inode
         serve = self.killpriv_v2 and _is_sxid(mode)
-        return Opened(fh=fd, backing_fd=None if serve else fd)
+        # Watched, a served file's cached pages stay true across opens (the watcher drops them when
+        # the source changes); passthrough has no pages of its own to keep.
+        return Opened(fh=fd, backing_fd=None if serve else fd, keep_cache=self.watcher is not None)
 
     def open(self, ctx: Context, ino: int, flags: int) -> Opened:
         self.check_open(ctx, ino, flags)
@@ -550,7 +655,7 @@ class Mirror(Operations):
             except BaseException:
                 _discard_created(pfd, name, fd)
                 raise
-            inode = self._remember(path_fd, st, pin=True)
+            inode, st = self._remember(path_fd, st, pin=True)
         return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
@@ -564,7 +669,7 @@ class Mirror(Operations):
             except BaseException:
                 os.close(fd)
                 raise
-            inode = self._remember(path_fd, st, pin=True)
+            inode, st = self._remember(path_fd, st, pin=True)
         return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
@@ -616,7 +721,9 @@ class Mirror(Operations):
             handle_id = self._next_dir
             self._next_dir += 1
             self._dirs[handle_id] = _DirHandle(fd)
-        return Opened(fh=handle_id)
+        # Watched, a listing stays true: the kernel may keep it (until the directory changes).
+        cached = self.watcher is not None
+        return Opened(fh=handle_id, cache_dir=cached, keep_cache=cached)
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, listing: DirListing) -> None:
         """A READDIR is answered from the directory stream alone (name, inode number and type);
@@ -694,6 +801,9 @@ class Mirror(Operations):
     # --- lifecycle ----------------------------------------------------------------------
 
     def destroy(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
         with self._lock:
             for fd in self._files:
                 _close_quietly(fd)
@@ -708,8 +818,13 @@ class Mirror(Operations):
             self._lru.clear()
 
     def status(self) -> dict[str, object]:
+        watching: dict[str, object] = {"on": self.watcher is not None, "why_not": self.watch_why_not,
+                                       "timeout_s": self.entry_timeout}
+        if self.watcher is not None and self.coherence is not None:
+            watching.update(marks=self.watcher.marks, events=dict(self.watcher.counts),
+                            notifications=dict(self.coherence.counts))
         return {"source": self.source, "source_state": self.source_state() or "present",
-                "file_handles": self.handles, "descriptors": self.descriptor_counts()}
+                "file_handles": self.handles, "descriptors": self.descriptor_counts(), "watcher": watching}
 
     def descriptor_counts(self) -> dict[str, int]:
         """Descriptors the mirror holds, by purpose (for status and tests)."""

@@ -118,6 +118,8 @@ class Change:
     is_dir: bool = False
     new_dir: bytes | None = None
     new_name: bytes | None = None
+    #: The process whose action caused the event (the server's own: a change made through the mount).
+    pid: int = 0
 
 
 OVERFLOW = Change(Event.OVERFLOW)
@@ -148,7 +150,7 @@ def parse_events(data: bytes | bytearray | memoryview) -> list[Change]:
     out = []
     offset, end = 0, len(view)
     while offset + _META.size <= end:
-        event_len, version, _, meta_len, mask, fd, _pid = _META.unpack_from(view, offset)
+        event_len, version, _, meta_len, mask, fd, pid = _META.unpack_from(view, offset)
         if event_len < _META.size or offset + event_len > end or version != _METADATA_VERSION:
             break  # not a record this code understands: never guess past it
         if fd >= 0:
@@ -183,7 +185,7 @@ def parse_events(data: bytes | bytearray | memoryview) -> list[Change]:
                 new_dir, new_name = key, entry
             pos += info_len
         out.append(Change(Event(mask & _EVENT_BITS), handle, directory, name, bool(mask & FAN_ONDIR),
-                          new_dir, new_name))
+                          new_dir, new_name, pid))
         offset += event_len
     return out
 

@@ -3,8 +3,9 @@
 With ``-o timeout=0`` the kernel revalidates every name and attribute on use, so a change is
 visible at once; that makes these tests deterministic. Each runs with passthrough and with
 the server answering READ/WRITE itself (page-cache mode), where stale cached pages would show.
-The last test pins down the other side: with a long timeout a name may stay stale, but what
-it serves is always the data of one file, never another's.
+The last test pins down the other side: with a long timeout and no watcher of the source
+(``-o nowatch``) a name may stay stale, but what it serves is always the data of one file, never
+another's. With the watcher (the default), tests/test_mirror_watch.py shows every change at once.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def test_with_a_long_timeout_a_stale_name_still_serves_one_whole_file(
 ) -> None:
     src = public_tmp / "src"
     src.mkdir()
-    server = start_server(mirror_argv(src, "-o", "timeout=300"))
+    server = start_server(mirror_argv(src, "-o", "timeout=300,nowatch"))  # no watcher: names go stale
     mnt = Path(server.mountpoint)
     (src / "a").write_bytes(b"A" * 5000)
     (src / "b").write_bytes(b"b" * 3)

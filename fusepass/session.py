@@ -92,7 +92,8 @@ class Session:
         if coroutine_handlers(fs):
             from . import aio
 
-            self.in_flight = aio.InFlight(max_in_flight or aio.DEFAULT_MAX_IN_FLIGHT, threads)
+            limit = aio.DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight
+            self.in_flight = aio.InFlight(limit, threads)
             self.runner = aio.LoopRunner(loop, self.in_flight)
         self.dispatcher = self._make_dispatcher()
         self.started = time.time()

@@ -10,17 +10,24 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ServerProcess, poll_until, server_script
-from test_session import CallerProcess, ControlClient, bounded, control, expect_errno  # noqa: F401 - a fixture
+from test_session import CallerProcess, ControlClient, bounded, expect_errno
 
 pytestmark = pytest.mark.timeout(120)
 #: The main thread, four workers, the event loop, the status socket and the test's control thread.
 HANDFUL = 8
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[ControlClient]:
+    client = ControlClient(tmp_path / "control")
+    yield client
+    client.close()
 
 
 def slow(start_server: Callable[..., ServerProcess], control: ControlClient, *args: str) -> Path:

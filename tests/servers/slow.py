@@ -36,8 +36,8 @@ from typing import Any
 from _control import Control
 
 from fusepass import Attr, Context, DirListing, Entry, MountOptions, Opened, Operations
-from fusepass.ops import ConnectionInfo
 from fusepass.aio import AsyncNotifier
+from fusepass.ops import ConnectionInfo
 from fusepass.serve import run_foreground
 
 FIRST_FILE = 2

@@ -54,46 +54,48 @@ class InFlight:
         self.reading = 0  # workers between before_read and after_read
         self.waiting = 0  # workers waiting in before_read
         self.peak = 0  # the most jobs running at once so far
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
 
     def before_read(self) -> None:
-        with self._cond:
+        with self._lock:
             while True:
                 last = self.waiting >= self.workers - 1
                 if self.running + self.reading < (self.limit if last else self.limit - self.reserve):
                     break
                 self.waiting += 1
-                self._cond.wait()
+                self._room.wait()
                 self.waiting -= 1
             self.reading += 1
 
     def after_read(self) -> None:
-        with self._cond:
+        with self._lock:
             self.reading -= 1
             if self.waiting:
-                self._cond.notify()
+                self._room.notify()
 
     def started(self) -> None:
-        with self._cond:
+        with self._lock:
             self.running += 1
             if self.running > self.peak:
                 self.peak = self.running
 
     def finished(self) -> None:
-        with self._cond:
+        with self._lock:
             self.running -= 1
             if self.waiting:
-                self._cond.notify_all()
+                self._room.notify_all()
 
 
 class _Job:
-    __slots__ = ("work", "finish", "task", "cancelled")
+    __slots__ = ("work", "finish", "task", "started", "cancelled")
 
     def __init__(self, work: Awaitable[object], finish: Callable[[Settled], None]) -> None:
         self.work = work
         self.finish = finish
-        self.task: asyncio.Future[object] | None = None
-        self.cancelled = False
+        self.task: asyncio.Future[None] | None = None
+        self.started = False  # its task has taken its first step: cancelling it reaches the work
+        self.cancelled = False  # cancelled before that: the work never runs
 
 
 class LoopRunner:
@@ -110,7 +112,7 @@ class LoopRunner:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._queue: list[_Job] = []
-        self._tasks: set[asyncio.Future[object]] = set()
+        self._jobs: set[_Job] = set()  # begun, not ended (their tasks are kept alive here)
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -173,23 +175,26 @@ class LoopRunner:
         with self._lock:
             batch, self._queue = self._queue, []
         for entry in batch:
-            if entry.cancelled:  # interrupted before it began
+            entry.task = loop.create_task(self._run(entry))
+            self._jobs.add(entry)
+
+    async def _run(self, entry: _Job) -> None:
+        """A job's task: the work awaited, then its end reported in the same step (no later callback)."""
+        entry.started = True
+        settled: Settled
+        try:
+            if entry.cancelled:  # interrupted before it began: it never runs
                 _close(entry.work)
-                self._done(entry, None)
-                continue
-            task = entry.task = asyncio.ensure_future(entry.work, loop=loop)
-            self._tasks.add(task)
-            task.add_done_callback(lambda t, entry=entry: self._done(entry, t))  # type: ignore[misc]
-
-    def _done(self, entry: _Job, task: asyncio.Future[object] | None) -> None:
-        if task is not None:
-            self._tasks.discard(task)
-
-        def settled() -> object:
-            if task is None or task.cancelled():
-                raise InterruptedError(errno.EINTR, "interrupted")
-            return task.result()
-
+                raise asyncio.CancelledError
+            value = await entry.work
+        except asyncio.CancelledError:
+            settled = _raising(InterruptedError(errno.EINTR, "interrupted"))
+        except Exception as e:
+            settled = _raising(e)
+        else:
+            settled = lambda: value  # noqa: E731
+        finally:
+            self._jobs.discard(entry)
         try:
             entry.finish(settled)
         except Exception:
@@ -199,15 +204,14 @@ class LoopRunner:
                 self.in_flight.finished()
 
     def _cancel_all(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._begin()  # jobs queued meanwhile: begun and cancelled like the others
+        for entry in list(self._jobs):
+            _cancel(entry)
 
     async def _wind_down(self) -> None:
-        self._begin()  # jobs queued meanwhile: begun and cancelled like the others
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._cancel_all()
+        await asyncio.gather(*(entry.task for entry in list(self._jobs) if entry.task is not None),
+                             return_exceptions=True)
 
     def _call_soon(self, fn: Callable[[], object]) -> None:
         loop = self.loop
@@ -219,10 +223,17 @@ class LoopRunner:
 
 
 def _cancel(entry: _Job) -> None:
-    if entry.task is not None:
+    if entry.started and entry.task is not None:
         entry.task.cancel()
     else:
         entry.cancelled = True
+
+
+def _raising(error: BaseException) -> Settled:
+    def settled() -> object:
+        raise error
+
+    return settled
 
 
 def _close(work: Awaitable[object]) -> None:

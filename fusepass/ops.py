@@ -239,6 +239,22 @@ class Operations:
     ``forget`` and ``release`` may run on any worker, even while another request on that
     inode is in flight.
 
+    **Coroutines.** Any request handler may be ``async def``, and plain and coroutine handlers
+    mix in one filesystem. The session runs coroutine handlers on one asyncio event loop (a
+    private one on a thread of its own, or yours: ``Session(..., loop=...)``, or
+    ``await fusepass.aio.serve(session)``), as many at once as requests arrive, up to
+    ``max_in_flight`` (4096 by default; further requests wait in the kernel), while plain
+    handlers stay on the worker threads. A coroutine returns what the plain handler would.
+    An INTERRUPT cancels its task and the caller gets EINTR: clean up in ``finally`` (or
+    ``except asyncio.CancelledError``, re-raising it); a reply is never half sent, and an
+    open cancelled before it returns registers no backing file. ``ctx.buffer(size)`` gives
+    a coroutine a new buffer (the worker's is not its). They all share the loop, so none
+    may block it: no blocking I/O or ``time.sleep`` (``asyncio.to_thread`` runs such work
+    elsewhere), and notifications go through ``fusepass.aio.AsyncNotifier``. ``init``,
+    ``destroy``, ``status`` and ``forget`` must stay plain (they are called outside any
+    request, or must never wait). For mypy, this class declares each handler's plain form:
+    a coroutine override needs ``# type: ignore[override]``.
+
     **Node ids and lookup counts.** ``ino``, ``parent`` and ``nodeid`` are the kernel's node
     ids; 1 is the root (``ROOT_ID``), which is never forgotten. Every ``Entry`` that reaches
     the kernel (from ``lookup``, ``mknod``, ``mkdir``, ``symlink``, ``link``, ``create``,

@@ -8,14 +8,19 @@ fuzzers.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusepass import abi
 from fusepass.dispatch import PENDING, Dispatcher, Outcome, Pending, Scratch
 from fusepass.ops import Operations
+
+if TYPE_CHECKING:
+    from fusepass.aio import LoopRunner
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
@@ -102,3 +107,16 @@ def read_reply(outcome: Outcome) -> Reply:
         raise AssertionError(f"reply of {len(reply)} bytes is shorter than the out-header")
     length, error, unique = OUT_HEADER.unpack_from(reply)
     return Reply(length, error, unique, reply[OUT_HEADER.size :], len(reply))
+
+
+@contextlib.contextmanager
+def loop_runner() -> Iterator[LoopRunner]:
+    """A runner for coroutine handlers: a private event loop on a thread of its own."""
+    from fusepass.aio import LoopRunner
+
+    runner = LoopRunner()
+    runner.open()
+    try:
+        yield runner
+    finally:
+        runner.close()

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fakekernel import FakeKernel, init_body
+from fakekernel import FakeKernel, init_body, loop_runner
 from test_backing_registry import FakeDevice
 
 from fusepass import Attr, Context, DirListing, Entry, Opened, Operations, abi
@@ -100,10 +100,8 @@ class Mixed(Operations):
 
 @pytest.fixture
 def runner() -> Iterator[LoopRunner]:
-    r = LoopRunner()
-    r.open()
-    yield r
-    r.close()
+    with loop_runner() as r:
+        yield r
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ServerProcess, python_module
-from fakekernel import FakeKernel
+from fakekernel import FakeKernel, loop_runner
 
 from fusepass import Attr, abi, control
 from fusepass.aio import LoopRunner
@@ -95,10 +95,8 @@ class Paths(PathOperations):
 
 @pytest.fixture
 def runner() -> Iterator[LoopRunner]:
-    r = LoopRunner()
-    r.open()
-    yield r
-    r.close()
+    with loop_runner() as r:
+        yield r
 
 
 def mounted(fs: PathOperations, runner: LoopRunner) -> FakeKernel:

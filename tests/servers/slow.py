@@ -34,6 +34,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from _control import Control
+from faulty import _misbehave
 
 from fusepass import Attr, Context, DirListing, Entry, MountOptions, Opened, Operations
 from fusepass.aio import AsyncNotifier
@@ -206,14 +207,6 @@ class SlowFS(Operations):
     async def _retrieve(self, i: int) -> str:
         assert self.notifier is not None
         return (await self.notifier.retrieve(FIRST_FILE + i, 0, 4096)).decode() or "(nothing)"
-
-
-def _misbehave(name: bytes, boom: bytes, errno_prefix: bytes) -> None:
-    if name == boom:
-        raise RuntimeError(f"injected failure for {name.decode()}")
-    if name.startswith(errno_prefix):
-        code = int(name[len(errno_prefix):])
-        raise OSError(code, f"injected errno {code}")
 
 
 def main() -> int:

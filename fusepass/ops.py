@@ -485,8 +485,8 @@ class ConnectionInfo:
     the kernel cache invalidations and data (keep it: it stays valid for the connection's life)."""
 
     proto_minor: int
-    kernel_flags: abi.InitFlag
-    want: abi.InitFlag
+    kernel_flags: int  # the abi.InitFlag bits the kernel offered
+    want: int  # the abi.InitFlag bits asked for (granted, after INIT)
     max_write: int
     max_readahead: int
     max_pages: int

@@ -6,7 +6,9 @@ batch: INVAL_ENTRY for every name that appeared, went or moved in a directory th
 sees it deleted, as on the source); INVAL_INODE for every known object whose attributes or data
 changed, and for every directory whose listing changed (its cached listing and attributes go).
 Changes the server made itself (everything done through the mount) are skipped: the kernel
-already knows them. A lost-events overflow makes every cached name stale at once
+already knows them. So are data changes by a process that opened that file through the mount: a
+passthrough file is written (and its backing file closed) by the caller itself, and the kernel
+updates what it caches of that file as it does so. A lost-events overflow makes every cached name stale at once
 (FUSE_NOTIFY_INC_EPOCH) and invalidates every known inode.
 """
 
@@ -24,6 +26,7 @@ from .watcher import Change, Event
 log = logging.getLogger("fusepass.coherence")
 
 _ENTRY_EVENTS = Event.CREATE | Event.DELETE | Event.RENAME
+_DATA_EVENTS = Event.MODIFY | Event.CLOSE_WRITE
 _INODE_EVENTS = Event.MODIFY | Event.ATTRIB | Event.CLOSE_WRITE | Event.DELETE_SELF | Event.MOVE_SELF
 
 
@@ -31,15 +34,17 @@ class Coherence:
     """Turns source changes into notifications.
 
     ``resolve(handle)`` gives the node id the kernel knows a file handle by, or None; ``known()``
-    every node id it knows (for an overflow). ``own_pid``: changes made by this process are the
-    mount's own.
+    every node id it knows (for an overflow); ``opened_by(node, pid)`` whether that process opened
+    the node through the mount. ``own_pid``: changes made by this process are the mount's own.
     """
 
     def __init__(self, notifier: Notifier, resolve: Callable[[bytes], int | None],
-                 known: Callable[[], Iterable[int]], own_pid: int | None = None) -> None:
+                 known: Callable[[], Iterable[int]], opened_by: Callable[[int, int], bool],
+                 own_pid: int | None = None) -> None:
         self.notifier = notifier
         self.resolve = resolve
         self.known = known
+        self.opened_by = opened_by
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self._lock = threading.Lock()
         #: Counters for status and for tests that wait on an invalidation rather than sleep.
@@ -60,6 +65,9 @@ class Coherence:
                 counts["own"] += 1
                 continue
             child = resolve(c.handle) if c.handle is not None else None
+            if child is not None and not c.events & ~_DATA_EVENTS and self.opened_by(child, c.pid):
+                counts["own"] += 1  # a passthrough caller's own write or close
+                continue
             if child is not None and c.events & (_INODE_EVENTS | _ENTRY_EVENTS):
                 inodes.add(child)  # its attributes (nlink, ctime, mode, size) or data changed
             if c.events & _ENTRY_EVENTS:

@@ -81,6 +81,9 @@ class Inode:
     handle: bytes | None  # file handle to reopen it, None if not available
     lookups: int = 0
     busy: int = 0  # operations using ``fd`` right now: it cannot be evicted
+    #: The last few processes that opened it through the mount: a passthrough file's data is written
+    #: (and its backing file closed) by the caller's own process, and the watcher sees that pid.
+    openers: tuple[int, ...] = ()
 
 
 class _DirHandle:
@@ -171,13 +174,17 @@ class Mirror(Operations):
             log.info("changes to the source are not watched (%s): short cache timeouts", e)
             return
         self._by_handle[watcher.root_handle] = self._inodes[ROOT_ID]  # (the root is never evicted: no handle)
-        self.coherence = Coherence(conn.notifier, self._resolve, self._known)
+        self.coherence = Coherence(conn.notifier, self._resolve, self._known, self._opened_by)
         self.watcher = watcher.start()
         self._set_timeouts(self._timeout if self._timeout is not None else LONG_TIMEOUT)
 
     def _resolve(self, handle: bytes) -> int | None:
         inode = self._by_handle.get(handle)
         return inode.nodeid if inode is not None else None
+
+    def _opened_by(self, nodeid: int, pid: int) -> bool:
+        inode = self._inodes.get(nodeid)
+        return inode is not None and pid in inode.openers
 
     def _known(self) -> list[int]:
         with self._lock:
@@ -607,7 +614,7 @@ class Mirror(Operations):
 
     # --- files ---------------------------------------------------------------------------------
 
-    def _opened(self, fd: int, inode: Inode, mode: int = 0) -> Opened:
+    def _opened(self, ctx: Context, fd: int, inode: Inode, mode: int = 0) -> Opened:
         """Record an open file. Its inode stays pinned (its O_PATH descriptor is never evicted)
         until the release: a file unlinked while open cannot be reopened from its handle.
 
@@ -617,6 +624,8 @@ class Mirror(Operations):
         clear them for the server, which holds CAP_FSETID)."""
         with self._lock:
             self._files[fd] = inode
+            if ctx.pid not in inode.openers:
+                inode.openers = (ctx.pid, *inode.openers[:3])
         serve = self.killpriv_v2 and _is_sxid(mode)
         # Watched, a served file's cached pages stay true across opens (the watcher drops them when
         # the source changes); passthrough has no pages of its own to keep.
@@ -638,7 +647,7 @@ class Mirror(Operations):
         except BaseException:
             self._release_fd(inode)
             raise
-        return self._opened(fd, inode, mode)
+        return self._opened(ctx, fd, inode, mode)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         # The kernel sends CREATE only for a name it just found missing. Always exclusive: a
@@ -656,7 +665,7 @@ class Mirror(Operations):
                 _discard_created(pfd, name, fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
+        return self._entry(inode, st), self._opened(ctx, fd, inode, st.st_mode)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         with self._pinned(parent) as pfd:
@@ -670,7 +679,7 @@ class Mirror(Operations):
                 os.close(fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
+        return self._entry(inode, st), self._opened(ctx, fd, inode, st.st_mode)
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
         buf = ctx.buffer(size)

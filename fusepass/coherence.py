@@ -6,9 +6,10 @@ batch: INVAL_ENTRY for every name that appeared, went or moved in a directory th
 sees it deleted, as on the source); INVAL_INODE for every known object whose attributes or data
 changed, and for every directory whose listing changed (its cached listing and attributes go).
 Changes the server made itself (everything done through the mount) are skipped: the kernel
-already knows them. So are data changes by a process that opened that file through the mount: a
-passthrough file is written (and its backing file closed) by the caller itself, and the kernel
-updates what it caches of that file as it does so. A lost-events overflow makes every cached name stale at once
+already knows them. So is the close of a file by a process that opened it through the mount in
+passthrough: its backing file is closed by the caller itself, and a close changes nothing the
+kernel caches. (Its writes are seen with the caller's pid too; they are invalidated all the same,
+which costs little: after a passthrough write the kernel asks for the attributes anyway.) A lost-events overflow makes every cached name stale at once
 (FUSE_NOTIFY_INC_EPOCH) and invalidates every known inode.
 """
 
@@ -26,7 +27,6 @@ from .watcher import Change, Event
 log = logging.getLogger("fusepass.coherence")
 
 _ENTRY_EVENTS = Event.CREATE | Event.DELETE | Event.RENAME
-_DATA_EVENTS = Event.MODIFY | Event.CLOSE_WRITE
 _INODE_EVENTS = Event.MODIFY | Event.ATTRIB | Event.CLOSE_WRITE | Event.DELETE_SELF | Event.MOVE_SELF
 
 
@@ -65,8 +65,8 @@ class Coherence:
                 counts["own"] += 1
                 continue
             child = resolve(c.handle) if c.handle is not None else None
-            if child is not None and not c.events & ~_DATA_EVENTS and self.opened_by(child, c.pid):
-                counts["own"] += 1  # a passthrough caller's own write or close
+            if child is not None and c.events == Event.CLOSE_WRITE and self.opened_by(child, c.pid):
+                counts["own"] += 1  # a passthrough caller closing what it opened through the mount
                 continue
             if child is not None and c.events & (_INODE_EVENTS | _ENTRY_EVENTS):
                 inodes.add(child)  # its attributes (nlink, ctime, mode, size) or data changed

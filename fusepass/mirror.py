@@ -81,8 +81,8 @@ class Inode:
     handle: bytes | None  # file handle to reopen it, None if not available
     lookups: int = 0
     busy: int = 0  # operations using ``fd`` right now: it cannot be evicted
-    #: The last few processes that opened it through the mount: a passthrough file's data is written
-    #: (and its backing file closed) by the caller's own process, and the watcher sees that pid.
+    #: The last few processes that opened it through the mount in passthrough: its backing file is
+    #: closed by the caller's own process, and the watcher sees that pid.
     openers: tuple[int, ...] = ()
 
 
@@ -125,6 +125,7 @@ class Mirror(Operations):
         self._next_dir = 1
         self._files: dict[int, Inode] = {}  # open files: their descriptor (the fh) -> the inode, pinned
         self.killpriv_v2 = False  # decided at INIT
+        self._conn: ConnectionInfo | None = None
         # (inode, thread) that just had its file capability removed by the kernel before a write:
         # the empty SETATTR that follows is the rest of that, not a chown(f, -1, -1).
         self._privileges_removed: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -159,6 +160,7 @@ class Mirror(Operations):
         F = abi.InitFlag
         conn.want |= F.POSIX_ACL | F.DONT_MASK | F.HANDLE_KILLPRIV_V2
         self.killpriv_v2 = bool(conn.kernel_flags & F.HANDLE_KILLPRIV_V2) and conn.proto_minor >= 33
+        self._conn = conn  # its ``want`` is what was granted, once INIT is answered
         if self.watch_why_not is None and conn.notifier is not None:
             self._start_watching(conn)
 
@@ -181,6 +183,11 @@ class Mirror(Operations):
     def _resolve(self, handle: bytes) -> int | None:
         inode = self._by_handle.get(handle)
         return inode.nodeid if inode is not None else None
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether INIT granted passthrough (files may then be passed through to the kernel)."""
+        return self._conn is not None and bool(self._conn.want & abi.InitFlag.PASSTHROUGH)
 
     def _opened_by(self, nodeid: int, pid: int) -> bool:
         inode = self._inodes.get(nodeid)
@@ -622,11 +629,11 @@ class Mirror(Operations):
         through: a passthrough write never reaches the server, which is then the only one that
         would clear those bits (the kernel leaves it to the server, and the source does not
         clear them for the server, which holds CAP_FSETID)."""
+        serve = self.killpriv_v2 and _is_sxid(mode)
         with self._lock:
             self._files[fd] = inode
-            if ctx.pid not in inode.openers:
+            if self.passthrough and not serve and ctx.pid not in inode.openers:
                 inode.openers = (ctx.pid, *inode.openers[:3])
-        serve = self.killpriv_v2 and _is_sxid(mode)
         # Watched, a served file's cached pages stay true across opens (the watcher drops them when
         # the source changes); passthrough has no pages of its own to keep.
         return Opened(fh=fd, backing_fd=None if serve else fd, keep_cache=self.watcher is not None)

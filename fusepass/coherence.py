@@ -9,8 +9,9 @@ Changes the server made itself (everything done through the mount) are skipped: 
 already knows them. So is the close of a file by a process that opened it through the mount in
 passthrough: its backing file is closed by the caller itself, and a close changes nothing the
 kernel caches. (Its writes are seen with the caller's pid too; they are invalidated all the same,
-which costs little: after a passthrough write the kernel asks for the attributes anyway.) A lost-events overflow makes every cached name stale at once
-(FUSE_NOTIFY_INC_EPOCH) and invalidates every known inode.
+which costs little: after a passthrough write the kernel asks for the attributes anyway.) A
+lost-events overflow makes every cached name stale at once (FUSE_NOTIFY_INC_EPOCH) and invalidates
+every known inode.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ log, are ``fusepass.policy_mirror``'s.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -41,6 +43,7 @@ from .ops import (
     StatfsReply,
     StatxReply,
 )
+from .protocol import dirent_record
 from .watcher import Change, Event, SourceWatcher, WatcherUnavailable
 
 log = logging.getLogger("fusepass.mirror")
@@ -87,11 +90,21 @@ class Inode:
 
 
 class _DirHandle:
-    __slots__ = ("fd", "entries")
+    __slots__ = ("fd", "entries", "packed", "ends")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.entries: list[tuple[bytes, int, int]] | None = None  # snapshot: (name, inode number, S_IFMT or 0)
+        # The snapshot as READDIR records, packed once: record i ends at ends[i] in packed.
+        self.packed = b""
+        self.ends: list[int] = []
+
+    def pack(self) -> None:
+        assert self.entries is not None
+        records = [dirent_record(number, i + 1, kind >> 12, name)
+                   for i, (name, number, kind) in enumerate(self.entries)]
+        self.ends = list(itertools.accumulate(len(r) for r in records))
+        self.packed = b"".join(records)
 
 
 class Mirror(Operations):
@@ -747,7 +760,18 @@ class Mirror(Operations):
         d = self._dirs[fh]
         if offset == 0 or d.entries is None:
             d.entries = self._snapshot(ino, d.fd)
+            d.packed, d.ends = b"", []
         plus = listing.plus
+        if not plus and type(listing) is DirListing:  # a slice of the listing packed once: no work per entry
+            if not d.ends:
+                d.pack()
+            if offset >= len(d.ends):
+                return
+            start = d.ends[offset - 1] if offset else 0
+            stop = bisect.bisect_right(d.ends, start + listing.room)
+            if stop > offset:
+                listing.add_records(memoryview(d.packed)[start : d.ends[stop - 1]])
+            return
         for index in range(offset, len(d.entries)):
             name, number, kind = d.entries[index]
             lookup = None

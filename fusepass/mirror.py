@@ -788,16 +788,19 @@ class Mirror(Operations):
                 return
 
     def _snapshot(self, ino: int, fd: int) -> list[tuple[bytes, int, int]]:
-        """The listing as the stream gives it, after "." and ".." (never looked up)."""
-        os.lseek(fd, 0, os.SEEK_SET)
+        """The listing as the stream gives it, after "." and ".." (never looked up). Names come as
+        bytes (the stream is opened again by its /proc path) and types from d_type: no stat."""
         number = os.fstat(fd).st_ino
         entries = [(b".", number, stat.S_IFDIR), (b"..", number, stat.S_IFDIR)]
-        hidden = self.is_hidden
-        with os.scandir(fd) as it:
-            for e in it:
-                name = os.fsencode(e.name)
-                if not hidden(ino, name):
-                    entries.append((name, e.inode(), _kind(e)))
+        lnk, dir_, reg = stat.S_IFLNK, stat.S_IFDIR, stat.S_IFREG
+        with os.scandir(_proc(fd)) as it:
+            entries += [
+                (e.name, e.inode(), lnk if e.is_symlink() else dir_ if e.is_dir(follow_symlinks=False)
+                 else reg if e.is_file(follow_symlinks=False) else 0)
+                for e in it
+            ]
+        if type(self).is_hidden is not Mirror.is_hidden:  # a subclass hides names
+            entries[2:] = [entry for entry in entries[2:] if not self.is_hidden(ino, entry[0])]
         return entries
 
     def releasedir(self, ctx: Context, ino: int, fh: int) -> None:
@@ -900,17 +903,6 @@ def _default_acl(dirfd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _kind(e: os.DirEntry[str]) -> int:
-    """The S_IFMT of a directory entry as its stream reports it, without a stat (0: not said)."""
-    if e.is_symlink():
-        return stat.S_IFLNK
-    if e.is_dir(follow_symlinks=False):
-        return stat.S_IFDIR
-    if e.is_file(follow_symlinks=False):
-        return stat.S_IFREG
-    return 0
 
 
 def _capability(fd: int) -> bytes | None:

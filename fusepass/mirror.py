@@ -183,7 +183,7 @@ class Mirror(Operations):
         becomes a notification. Without a watcher the short timeouts stay."""
         assert conn.notifier is not None
         try:
-            watcher = SourceWatcher(self.source, self._on_changes)
+            watcher = SourceWatcher(self.source, self._on_changes, ignore_pid=os.getpid())
         except WatcherUnavailable as e:
             self.watch_why_not = str(e)
             log.info("changes to the source are not watched (%s): short cache timeouts", e)

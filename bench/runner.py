@@ -147,6 +147,7 @@ def run(args: Any, setup: dict[str, Any], argv: list[str]) -> int:
             force_unmount(mnt)
         if not args.keep_data and not mounts_under(work):
             shutil.rmtree(work, ignore_errors=True)
+        _unlock(work, lock)
         progress.close()
         raw["meta"]["duration_min"] = (time.monotonic() - started) / 60
         raw["meta"]["load_note"] = load_note(raw["meta"]["load_samples"])
@@ -319,7 +320,16 @@ def _lock(work: str) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
-    return fd  # released when the process exits
+    return fd  # released when the process exits, if not before
+
+
+def _unlock(work: str, fd: int) -> None:
+    """Remove the lock file (nothing is left behind) and release it."""
+    try:
+        os.unlink(work.rstrip("/") + ".lock")
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _sigterm_as_interrupt() -> None:

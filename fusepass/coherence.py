@@ -5,17 +5,19 @@ batch: INVAL_ENTRY for every name that appeared, went or moved in a directory th
 (DELETE where the kernel holds the name's inode, so that a process inside a removed directory
 sees it deleted, as on the source); INVAL_INODE for every known object whose attributes or data
 changed, and for every directory whose listing changed (its cached listing and attributes go).
-Changes the server made itself (everything done through the mount) are skipped: the kernel
-already knows them. A lost-events overflow makes every cached name stale at once
-(FUSE_NOTIFY_INC_EPOCH) and invalidates every known inode.
+Changes the server made itself (everything done through the mount) never arrive: the watcher
+drops them, and the kernel knows them already. Skipped here is the close of a file by a process
+that opened it through the mount in passthrough: the caller closes its backing file itself, and a
+close changes nothing the kernel caches. (That caller's writes are invalidated all the same, which
+costs little: after a passthrough write the kernel asks for the attributes anyway.) A lost-events
+overflow makes every cached name stale at once (FUSE_NOTIFY_INC_EPOCH) and invalidates every
+known inode.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
-import threading
 from collections.abc import Callable, Iterable
 
 from .notify import Notifier
@@ -31,19 +33,18 @@ class Coherence:
     """Turns source changes into notifications.
 
     ``resolve(handle)`` gives the node id the kernel knows a file handle by, or None; ``known()``
-    every node id it knows (for an overflow). ``own_pid``: changes made by this process are the
-    mount's own.
+    every node id it knows (for an overflow); ``opened_by(node, pid)`` whether that process opened
+    the node through the mount.
     """
 
     def __init__(self, notifier: Notifier, resolve: Callable[[bytes], int | None],
-                 known: Callable[[], Iterable[int]], own_pid: int | None = None) -> None:
+                 known: Callable[[], Iterable[int]], opened_by: Callable[[int, int], bool]) -> None:
         self.notifier = notifier
         self.resolve = resolve
         self.known = known
-        self.own_pid = os.getpid() if own_pid is None else own_pid
-        self._lock = threading.Lock()
+        self.opened_by = opened_by
         #: Counters for status and for tests that wait on an invalidation rather than sleep.
-        self.counts = {"changes": 0, "own": 0, "entries": 0, "inodes": 0, "deletes": 0, "overflows": 0,
+        self.counts = {"changes": 0, "closes": 0, "entries": 0, "inodes": 0, "deletes": 0, "overflows": 0,
                        "unknown": 0}
 
     def apply(self, changes: list[Change]) -> None:
@@ -56,10 +57,10 @@ class Coherence:
                 self._everything()
                 continue
             counts["changes"] += 1
-            if c.pid == self.own_pid:
-                counts["own"] += 1
-                continue
             child = resolve(c.handle) if c.handle is not None else None
+            if child is not None and c.events == Event.CLOSE_WRITE and self.opened_by(child, c.pid):
+                counts["closes"] += 1  # a passthrough caller closing what it opened through the mount
+                continue
             if child is not None and c.events & (_INODE_EVENTS | _ENTRY_EVENTS):
                 inodes.add(child)  # its attributes (nlink, ctime, mode, size) or data changed
             if c.events & _ENTRY_EVENTS:

@@ -15,8 +15,10 @@ log, are ``fusepass.policy_mirror``'s.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -41,6 +43,7 @@ from .ops import (
     StatfsReply,
     StatxReply,
 )
+from .protocol import dirent_record
 from .watcher import Change, Event, SourceWatcher, WatcherUnavailable
 
 log = logging.getLogger("fusepass.mirror")
@@ -81,14 +84,27 @@ class Inode:
     handle: bytes | None  # file handle to reopen it, None if not available
     lookups: int = 0
     busy: int = 0  # operations using ``fd`` right now: it cannot be evicted
+    #: The last few processes that opened it through the mount in passthrough: its backing file is
+    #: closed by the caller's own process, and the watcher sees that pid.
+    openers: tuple[int, ...] = ()
 
 
 class _DirHandle:
-    __slots__ = ("fd", "entries")
+    __slots__ = ("fd", "entries", "packed", "ends")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.entries: list[tuple[bytes, int, int]] | None = None  # snapshot: (name, inode number, S_IFMT or 0)
+        # The snapshot as READDIR records, packed once: record i ends at ends[i] in packed.
+        self.packed = b""
+        self.ends: list[int] = []
+
+    def pack(self) -> None:
+        assert self.entries is not None
+        records = [dirent_record(number, i + 1, kind >> 12, name)
+                   for i, (name, number, kind) in enumerate(self.entries)]
+        self.ends = list(itertools.accumulate(len(r) for r in records))
+        self.packed = b"".join(records)
 
 
 class Mirror(Operations):
@@ -122,6 +138,7 @@ class Mirror(Operations):
         self._next_dir = 1
         self._files: dict[int, Inode] = {}  # open files: their descriptor (the fh) -> the inode, pinned
         self.killpriv_v2 = False  # decided at INIT
+        self._conn: ConnectionInfo | None = None
         # (inode, thread) that just had its file capability removed by the kernel before a write:
         # the empty SETATTR that follows is the rest of that, not a chown(f, -1, -1).
         self._privileges_removed: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -156,6 +173,7 @@ class Mirror(Operations):
         F = abi.InitFlag
         conn.want |= F.POSIX_ACL | F.DONT_MASK | F.HANDLE_KILLPRIV_V2
         self.killpriv_v2 = bool(conn.kernel_flags & F.HANDLE_KILLPRIV_V2) and conn.proto_minor >= 33
+        self._conn = conn  # its ``want`` is what was granted, once INIT is answered
         if self.watch_why_not is None and conn.notifier is not None:
             self._start_watching(conn)
 
@@ -165,19 +183,28 @@ class Mirror(Operations):
         becomes a notification. Without a watcher the short timeouts stay."""
         assert conn.notifier is not None
         try:
-            watcher = SourceWatcher(self.source, self._on_changes)
+            watcher = SourceWatcher(self.source, self._on_changes, ignore_pid=os.getpid())
         except WatcherUnavailable as e:
             self.watch_why_not = str(e)
             log.info("changes to the source are not watched (%s): short cache timeouts", e)
             return
         self._by_handle[watcher.root_handle] = self._inodes[ROOT_ID]  # (the root is never evicted: no handle)
-        self.coherence = Coherence(conn.notifier, self._resolve, self._known)
+        self.coherence = Coherence(conn.notifier, self._resolve, self._known, self._opened_by)
         self.watcher = watcher.start()
         self._set_timeouts(self._timeout if self._timeout is not None else LONG_TIMEOUT)
 
     def _resolve(self, handle: bytes) -> int | None:
         inode = self._by_handle.get(handle)
         return inode.nodeid if inode is not None else None
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether INIT granted passthrough (files may then be passed through to the kernel)."""
+        return self._conn is not None and bool(self._conn.want & abi.InitFlag.PASSTHROUGH)
+
+    def _opened_by(self, nodeid: int, pid: int) -> bool:
+        inode = self._inodes.get(nodeid)
+        return inode is not None and pid in inode.openers
 
     def _known(self) -> list[int]:
         with self._lock:
@@ -607,7 +634,7 @@ class Mirror(Operations):
 
     # --- files ---------------------------------------------------------------------------------
 
-    def _opened(self, fd: int, inode: Inode, mode: int = 0) -> Opened:
+    def _opened(self, ctx: Context, fd: int, inode: Inode, mode: int = 0) -> Opened:
         """Record an open file. Its inode stays pinned (its O_PATH descriptor is never evicted)
         until the release: a file unlinked while open cannot be reopened from its handle.
 
@@ -615,9 +642,11 @@ class Mirror(Operations):
         through: a passthrough write never reaches the server, which is then the only one that
         would clear those bits (the kernel leaves it to the server, and the source does not
         clear them for the server, which holds CAP_FSETID)."""
+        serve = self.killpriv_v2 and _is_sxid(mode)
         with self._lock:
             self._files[fd] = inode
-        serve = self.killpriv_v2 and _is_sxid(mode)
+            if self.passthrough and not serve and ctx.pid not in inode.openers:
+                inode.openers = (ctx.pid, *inode.openers[:3])
         # Watched, a served file's cached pages stay true across opens (the watcher drops them when
         # the source changes); passthrough has no pages of its own to keep.
         return Opened(fh=fd, backing_fd=None if serve else fd, keep_cache=self.watcher is not None)
@@ -638,7 +667,7 @@ class Mirror(Operations):
         except BaseException:
             self._release_fd(inode)
             raise
-        return self._opened(fd, inode, mode)
+        return self._opened(ctx, fd, inode, mode)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         # The kernel sends CREATE only for a name it just found missing. Always exclusive: a
@@ -656,7 +685,7 @@ class Mirror(Operations):
                 _discard_created(pfd, name, fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
+        return self._entry(inode, st), self._opened(ctx, fd, inode, st.st_mode)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         with self._pinned(parent) as pfd:
@@ -670,7 +699,7 @@ class Mirror(Operations):
                 os.close(fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(fd, inode, st.st_mode)
+        return self._entry(inode, st), self._opened(ctx, fd, inode, st.st_mode)
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
         buf = ctx.buffer(size)
@@ -731,7 +760,18 @@ class Mirror(Operations):
         d = self._dirs[fh]
         if offset == 0 or d.entries is None:
             d.entries = self._snapshot(ino, d.fd)
+            d.packed, d.ends = b"", []
         plus = listing.plus
+        if not plus and type(listing) is DirListing:  # a slice of the listing packed once: no work per entry
+            if not d.ends:
+                d.pack()
+            if offset >= len(d.ends):
+                return
+            start = d.ends[offset - 1] if offset else 0
+            stop = bisect.bisect_right(d.ends, start + listing.room)
+            if stop > offset:
+                listing.add_records(memoryview(d.packed)[start : d.ends[stop - 1]])
+            return
         for index in range(offset, len(d.entries)):
             name, number, kind = d.entries[index]
             lookup = None
@@ -748,16 +788,19 @@ class Mirror(Operations):
                 return
 
     def _snapshot(self, ino: int, fd: int) -> list[tuple[bytes, int, int]]:
-        """The listing as the stream gives it, after "." and ".." (never looked up)."""
-        os.lseek(fd, 0, os.SEEK_SET)
+        """The listing as the stream gives it, after "." and ".." (never looked up). Names come as
+        bytes (the stream is opened again by its /proc path) and types from d_type: no stat."""
         number = os.fstat(fd).st_ino
         entries = [(b".", number, stat.S_IFDIR), (b"..", number, stat.S_IFDIR)]
-        hidden = self.is_hidden
-        with os.scandir(fd) as it:
-            for e in it:
-                name = os.fsencode(e.name)
-                if not hidden(ino, name):
-                    entries.append((name, e.inode(), _kind(e)))
+        lnk, dir_, reg = stat.S_IFLNK, stat.S_IFDIR, stat.S_IFREG
+        with os.scandir(_proc(fd)) as it:
+            entries += [
+                (e.name, e.inode(), lnk if e.is_symlink() else dir_ if e.is_dir(follow_symlinks=False)
+                 else reg if e.is_file(follow_symlinks=False) else 0)
+                for e in it
+            ]
+        if type(self).is_hidden is not Mirror.is_hidden:  # a subclass hides names
+            entries[2:] = [entry for entry in entries[2:] if not self.is_hidden(ino, entry[0])]
         return entries
 
     def releasedir(self, ctx: Context, ino: int, fh: int) -> None:
@@ -860,17 +903,6 @@ def _default_acl(dirfd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _kind(e: os.DirEntry[str]) -> int:
-    """The S_IFMT of a directory entry as its stream reports it, without a stat (0: not said)."""
-    if e.is_symlink():
-        return stat.S_IFLNK
-    if e.is_dir(follow_symlinks=False):
-        return stat.S_IFDIR
-    if e.is_file(follow_symlinks=False):
-        return stat.S_IFREG
-    return 0
 
 
 def _capability(fd: int) -> bytes | None:

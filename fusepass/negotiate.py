@@ -60,8 +60,9 @@ def negotiate(
             f"{abi.KERNEL_VERSION}.{abi.MIN_KERNEL_MINOR_VERSION} or newer",
         )
     minor = min(req.minor, abi.KERNEL_MINOR_VERSION)
-    offered = abi.InitFlag(req.flags)
-    want = _DEFAULT_WANT
+    # Plain ints throughout: every new combination of an IntFlag is a cached pseudo-member.
+    offered = req.flags
+    want = int(_DEFAULT_WANT)
     if fs.readdirplus:
         want |= abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO
     if implemented(fs, "getlk") and implemented(fs, "setlk"):
@@ -76,14 +77,14 @@ def negotiate(
         notifier=notifier,
     )
     fs.init(conn)
-    want = conn.want
+    want = int(conn.want)
     for flag, since in abi.INIT_FLAG_MINOR.items():
         if minor < since:
-            want &= ~flag
+            want &= ~int(flag)
     granted = want & offered
     why_not = _passthrough_refusal(passthrough, may_pass_through, want, granted)
     if why_not:
-        granted &= ~abi.InitFlag.PASSTHROUGH
+        granted &= ~int(abi.InitFlag.PASSTHROUGH)
         if passthrough == "on":
             raise NegotiationError(errno.EPROTO, f"passthrough was required but cannot be had: {why_not}")
     conn.want = granted
@@ -99,7 +100,7 @@ def negotiate(
 
 
 def _passthrough_refusal(
-    mode: PassthroughMode, may_pass_through: bool, want: abi.InitFlag, granted: abi.InitFlag
+    mode: PassthroughMode, may_pass_through: bool, want: int, granted: int
 ) -> str | None:
     F = abi.InitFlag
     if mode == "off":

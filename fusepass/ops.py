@@ -221,6 +221,22 @@ class DirListing:
             self._pos = pack_dirent(self._buf, self._pos, ino, next_offset, dtype, name)
         return True
 
+    @property
+    def room(self) -> int:
+        """Bytes left in this reply."""
+        return self._limit - self._pos
+
+    def add_records(self, records: bytes | memoryview) -> None:
+        """Append READDIR records packed ahead of time (``protocol.dirent_record``), at most
+        ``room`` bytes of them: a cheap way to answer a listing the filesystem keeps packed. Only
+        for READDIR (``plus`` false): READDIRPLUS entries count lookups and go through ``add``."""
+        if self.plus:
+            raise ValueError("READDIRPLUS entries are added one by one, with their lookups")
+        if len(records) > self.room:
+            raise ValueError(f"{len(records)} bytes of records, {self.room} bytes of room")
+        self._buf[self._pos : self._pos + len(records)] = records
+        self._pos += len(records)
+
     def result(self) -> memoryview:
         return memoryview(self._buf)[: self._pos]
 
@@ -520,8 +536,8 @@ class ConnectionInfo:
     the kernel cache invalidations and data (keep it: it stays valid for the connection's life)."""
 
     proto_minor: int
-    kernel_flags: abi.InitFlag
-    want: abi.InitFlag
+    kernel_flags: int  # the abi.InitFlag bits the kernel offered
+    want: int  # the abi.InitFlag bits asked for (granted, after INIT)
     max_write: int
     max_readahead: int
     max_pages: int

@@ -101,14 +101,29 @@ def _component(part: str) -> str:
         elif c == "[" and (end := _class_end(part, i)) > 0:
             inner = part[i + 1:end]
             negate = inner.startswith("!")
-            inner = (inner[1:] if negate else inner).replace("\\", "\\\\").replace("[", "\\[")
-            if inner.startswith("^"):
-                inner = "\\" + inner
-            out.append("[" + ("^/" if negate else "") + inner + "]")
+            members = _class_members(inner[1:] if negate else inner)
+            out.append("[^/" + members + "]" if negate else "(?!/)[" + members + "]")  # a range may span '/'
             i = end
         else:
             out.append(re.escape(c))
         i += 1
+    return "".join(out)
+
+
+def _class_members(inner: str) -> str:
+    """A glob class's characters and ranges as a regular expression's, each one escaped (so that
+    nothing in it reads as a regex set operation); a range that runs backwards is an error."""
+    out, k = [], 0
+    while k < len(inner):
+        if k + 2 < len(inner) and inner[k + 1] == "-":
+            first, last = inner[k], inner[k + 2]
+            if first > last:
+                raise re.error(f"range {first}-{last} runs backwards")
+            out.append(re.escape(first) + "-" + re.escape(last))
+            k += 3
+        else:
+            out.append(re.escape(inner[k]))
+            k += 1
     return "".join(out)
 
 

@@ -935,6 +935,12 @@ def pack_dirent(buf: bytearray | memoryview, pos: int, ino: int, next_off: int, 
     return padded
 
 
+def dirent_record(ino: int, next_off: int, dtype: int, name: bytes) -> bytes:
+    """One READDIR record as bytes (what ``pack_dirent`` writes), for listings packed ahead of time."""
+    pad = (-(abi.DIRENT.size + len(name))) % 8
+    return abi.DIRENT.pack(ino, next_off, len(name), dtype) + name + bytes(pad)
+
+
 def pack_direntplus(
     buf: bytearray | memoryview, pos: int, entry_out: bytes, ino: int, next_off: int, dtype: int, name: bytes
 ) -> int:

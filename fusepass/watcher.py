@@ -144,8 +144,9 @@ _HANDLE_TYPE = struct.Struct("<i")  # as syscalls.name_to_handle encodes it
 _BUFFER_SIZE = 256 * 1024
 
 
-def parse_events(data: bytes | bytearray | memoryview) -> list[Change]:
-    """The records in bytes read from an fanotify group made with ``REPORT_FLAGS``."""
+def parse_events(data: bytes | bytearray | memoryview, ignore_pid: int = -1) -> list[Change]:
+    """The records in bytes read from an fanotify group made with ``REPORT_FLAGS``; those caused by
+    process ``ignore_pid`` are dropped after their first 24 bytes (the cheap way to skip one's own)."""
     view = memoryview(data)
     out = []
     offset, end = 0, len(view)
@@ -155,6 +156,9 @@ def parse_events(data: bytes | bytearray | memoryview) -> list[Change]:
             break  # not a record this code understands: never guess past it
         if fd >= 0:
             os.close(fd)  # only groups without file-handle reports get descriptors; never leak one
+        if pid == ignore_pid and not mask & FAN_Q_OVERFLOW:
+            offset += event_len
+            continue
         if mask & FAN_Q_OVERFLOW:
             out.append(OVERFLOW)
             offset += event_len
@@ -196,10 +200,13 @@ class SourceWatcher:
     before the next read, so that a burst of writes reaches the callback as a few merged records rather
     than one wake-up per write."""
 
-    def __init__(self, source: str, on_changes: Callable[[list[Change]], None], *, coalesce: float = 0.002) -> None:
+    def __init__(self, source: str, on_changes: Callable[[list[Change]], None], *, coalesce: float = 0.002,
+                 ignore_pid: int = -1) -> None:
         self.source = source
         self.on_changes = on_changes
         self.coalesce = coalesce
+        #: Changes this process makes are not reported (the mount's own, for the mirror).
+        self.ignore_pid = ignore_pid
         self.counts = {"events": 0, "batches": 0, "overflows": 0, "callback_errors": 0}
         self._lock = threading.Lock()
         self._marked: set[bytes] = set()
@@ -304,7 +311,7 @@ class SourceWatcher:
                     n = os.readv(self._fd, [buf])
                 except BlockingIOError:
                     break
-                changes += parse_events(memoryview(buf)[:n])
+                changes += parse_events(memoryview(buf)[:n], self.ignore_pid)
             if changes and not self._stopping.is_set():
                 self._deliver(changes)
             if self.coalesce:

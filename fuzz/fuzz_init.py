@@ -51,8 +51,7 @@ class Wishful(Operations):
         self.readdirplus = readdirplus
 
     def init(self, conn: ConnectionInfo) -> None:
-        want, conn.max_write, conn.max_pages = self.wish
-        conn.want = F(want)
+        conn.want, conn.max_write, conn.max_pages = self.wish
 
     def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
         return Attr(ino=ino, mode=0o40755, nlink=2)

@@ -179,3 +179,19 @@ def test_an_init_too_short_for_its_header_is_refused_with_eio() -> None:
     _, msg = k.message(abi.Opcode.INIT, b"\x07\x00\x00\x00", nodeid=0)
     (reply,) = k.send(msg)
     assert reply.error == -errno.EIO and k.dispatcher.conn is None
+
+
+def test_negotiating_arbitrary_flag_words_keeps_no_memory() -> None:
+    """Found by fuzz/fuzz_init.py: every new combination of an IntFlag is a pseudo-member Python
+    keeps for ever, so negotiation works on plain ints (the fuzzer's memory grew past 200 MiB)."""
+    import random
+
+    class Wishful(Operations):
+        def init(self, conn: ConnectionInfo) -> None:
+            conn.want = rng.getrandbits(64)
+
+    rng = random.Random(7)
+    members = len(F._value2member_map_)
+    for _ in range(500):
+        negotiate(kernel(Wishful(), passthrough="off"), init_request(45, rng.getrandbits(64) | int(F.INIT_EXT)))
+    assert len(F._value2member_map_) - members < 50

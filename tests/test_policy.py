@@ -28,6 +28,8 @@ from fusepass.policy_mirror import open_access
         ("a/*/c", "a/b/c", True), ("a/*/c", "a/b/b/c", False), ("a/**/c", "a/c", True), ("a/**/c", "a/b/b/c/d", True),
         ("f?.txt", "f1.txt", True), ("f?.txt", "f12.txt", False),
         ("[!a]x", "bx", True), ("[!a]x", "ax", False), ("[]x]y", "]y", True), ("[ab", "[ab", True),
+        ("[a~~b]x", "~x", True), ("[&&]x", "&x", True), ("[a-c]x", "bx", True),
+        ("[+--]x", ",x", True), ("[\\^]x", "^x", True), ("a[.-0]b", "a/b", False), ("a[!x]b", "a/b", False),
         ("**", "", True), ("**", "anything/at/all", True),
     ],
 )

@@ -253,6 +253,16 @@ def test_an_overflowing_queue_is_reported(src: Path) -> None:
         watcher.stop()
 
 
+def test_changes_made_by_the_ignored_process_never_arrive(src: Path) -> None:
+    seen = Collector()
+    with SourceWatcher(str(src), seen, ignore_pid=os.getpid()):
+        (src / "mine").write_bytes(b"x")
+        subprocess.run(["touch", str(src / "theirs")], check=True, timeout=30)
+        seen.until(lambda c: c.name == b"theirs", "CREATE theirs")
+    # fanotify keeps a group's events in order: had "mine" been reported, it would be there already
+    assert not [c for c in seen.seen if c.name == b"mine" or c.handle == handle(src / "mine")]
+
+
 def test_overflow_and_malformed_records_parse_without_guessing() -> None:
     overflow = struct.pack("=IBBHQii", 24, 3, 0, 24, 0x4000, -1, 0)
     assert parse_events(overflow) == [OVERFLOW]

@@ -195,13 +195,12 @@ class LoopRunner:
             settled = lambda: value  # noqa: E731
         finally:
             self._jobs.discard(entry)
+        if self.in_flight is not None:
+            self.in_flight.finished()  # before the reply: a caller that has its answer is not counted
         try:
             entry.finish(settled)
         except Exception:
             log.exception("finishing a request served on the event loop failed")
-        finally:
-            if self.in_flight is not None:
-                self.in_flight.finished()
 
     def _cancel_all(self) -> None:
         self._begin()  # jobs queued meanwhile: begun and cancelled like the others

@@ -129,9 +129,12 @@ class Peer(Target):
         self.command = command
         self.unavailable = unavailable
 
+    def argv(self, source: str, mnt: str) -> list[str]:
+        return [*self.command, source, mnt]
+
     @contextlib.contextmanager
     def mounted(self, source: str, mnt: str, logfile: str) -> Iterator[Mounted]:
-        cmd = [*self.command, source, mnt]
+        cmd = self.argv(source, mnt)
         with open(logfile, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)

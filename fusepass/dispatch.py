@@ -3,30 +3,57 @@
 ``Dispatcher.handle(message, scratch)`` parses one message, runs the filesystem's handler and
 returns the reply to write (an ``Outcome``), or None when the kernel expects no answer. It
 also keeps the connection-wide state a reply depends on: INIT negotiation, the requests in
-flight (for INTERRUPT), the NOTIFY_REPLY waiters and the backing registry. Each worker
-gives it its own ``Scratch`` (a reply buffer and counters), so workers share nothing on
-the hot path but the in-flight table. The transport (a read/write loop on ``/dev/fuse``
-today) does the I/O: it writes ``outcome.reply``, runs ``outcome.undo`` if the kernel
-refused it, then ``outcome.after``.
+flight (for INTERRUPT), the NOTIFY_REPLY waiters and the backing registry. Each request type
+has a method that asks the filesystem (``_getattr`` calls ``fs.getattr``) and, where the answer
+needs encoding, one that encodes it (``_attr_reply``); the table pairs them with the request's
+parser, so that a plain handler and an ``async def`` one share both.
+
+What a transport (the session's worker loop on ``/dev/fuse`` today) provides and does:
+
+- one ``Scratch`` per source of requests (a worker and its descriptor, or a ring entry): a reply
+  buffer and counters, used by one thread only, and ``deliver``, which takes an Outcome that is
+  ready later and writes it back where its request came from;
+- for every Outcome, from ``handle`` or through ``deliver``: write ``outcome.reply``, run
+  ``outcome.undelivered()`` if the kernel refused it, then ``outcome.after``;
+- if the filesystem has coroutine handlers (``coroutine_handlers(fs)``), a ``Runner`` (an event
+  loop; ``fusepass.aio`` has the asyncio one). ``handle`` then parses such a request on the
+  transport's thread, starts the handler's coroutine on the runner and returns ``PENDING``; the
+  runner reports the end on its own thread, where the reply is encoded and handed to the
+  scratch's ``deliver`` (an INTERRUPT cancels the coroutine: the reply is EINTR). The transport
+  decides how many requests it reads meanwhile (``fusepass.aio.InFlight``); silent requests
+  (FORGET, INTERRUPT) and plain handlers never wait for the runner.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
+import inspect
 import logging
 import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple, Protocol, TypeVar, cast, overload
 
 from . import abi
 from . import protocol as P
 from .backing import BackingRegistry
 from .negotiate import NegotiationError, PassthroughMode, negotiate
 from .notify import Notifier
-from .ops import Changes, ConnectionInfo, Context, DirListing, Entry, Opened, Operations, implemented
+from .ops import (
+    AttrLike,
+    Changes,
+    ConnectionInfo,
+    Context,
+    DirListing,
+    Entry,
+    Opened,
+    Operations,
+    StatxReply,
+    implemented,
+)
 from .stats import WorkerStats
 
 log = logging.getLogger("fusepass")
@@ -34,6 +61,10 @@ log = logging.getLogger("fusepass")
 Body = P.Buffer | None  # a reply payload; None is an empty success reply
 Handler = Callable[[P.InHeader, memoryview, Context], Body]
 R = TypeVar("R")
+T = TypeVar("T")
+#: What a runner hands back when a job ends: returns the job's value, or raises its exception
+#: (InterruptedError if the job was cancelled).
+Settled = Callable[[], object]
 
 #: The reply buffer each worker needs: the largest READ or READDIR reply.
 REPLY_BUFFER = abi.MAX_PAGES * abi.PAGE_SIZE
@@ -61,31 +92,87 @@ class Outcome(NamedTuple):
 
 
 class Scratch:
-    """One worker's reply buffer and counters; never shared between threads."""
+    """One worker's reply buffer and counters, never shared between threads; and ``deliver``,
+    where an Outcome that is ready later goes (called on the runner's thread)."""
 
-    __slots__ = ("buffer", "view", "stats")
+    __slots__ = ("buffer", "view", "stats", "deliver")
 
-    def __init__(self, size: int = REPLY_BUFFER) -> None:
+    def __init__(self, size: int = REPLY_BUFFER, deliver: Callable[[Outcome], None] | None = None) -> None:
         self.buffer = bytearray(size)
         self.view = memoryview(self.buffer)
         self.stats = WorkerStats()
+        self.deliver = deliver
+
+
+class Pending(enum.Enum):
+    """``handle``'s answer for a request a coroutine is serving: its Outcome goes to the scratch's
+    ``deliver`` when the coroutine ends. (An enum of one, so that ``is PENDING`` narrows the type.)"""
+
+    PENDING = "pending"
+
+
+PENDING = Pending.PENDING
+
+
+class Runner(Protocol):
+    """Where coroutine handlers run: an event loop, which the transport provides."""
+
+    def start(self, job: Awaitable[object], finish: Callable[[Settled], None]) -> Callable[[], None]:
+        """Run ``job``; when it ends, call ``finish`` on the runner's thread (always the same one).
+        Return a cancel function, safe from any thread and before the job has started."""
+        ...
 
 
 _new_tuple = tuple.__new__  # builds an Outcome without NamedTuple's Python-level __new__
 _pack_out_header = abi.OUT_HEADER.pack
+_NO_BUFFER = memoryview(b"")  # a Context served on the runner has none: Context.buffer makes one
 
 
-def _route(parse: Callable[[P.InHeader, memoryview], R], handle: Callable[[R, Context], Body]) -> Handler:
-    """Pair a body parser with the handler of the request type it produces (mypy checks the pair)."""
+class _Route(NamedTuple):
+    """One request type: its parser, the method that asks the filesystem, the one that encodes
+    the answer (None: the answer is the reply's body), and whether the handler is a coroutine."""
 
-    def run(h: P.InHeader, body: memoryview, ctx: Context) -> Body:
-        return handle(parse(h, body), ctx)
+    parse: Callable[[P.InHeader, memoryview], object]
+    ask: Callable[[object, Context], Body]  # erased: what it returns is answer's third argument
+    answer: Callable[[object, Context, object], Body] | None = None
+    awaited: bool = False
 
-    return run
+
+@overload
+def _route(parse: Callable[[P.InHeader, memoryview], R], ask: Callable[[R, Context], Body]) -> _Route: ...
 
 
-def _enosys(h: P.InHeader, body: memoryview, ctx: Context) -> Body:
+@overload
+def _route(parse: Callable[[P.InHeader, memoryview], R], ask: Callable[[R, Context], Awaitable[Body]]) -> _Route: ...
+
+
+@overload
+def _route(parse: Callable[[P.InHeader, memoryview], R], ask: Callable[[R, Context], T],
+           answer: Callable[[R, Context, T], Body]) -> _Route: ...
+
+
+def _route(parse: Callable[[P.InHeader, memoryview], R], ask: Callable[[R, Context], T],
+           answer: Callable[[R, Context, T], Body] | None = None) -> _Route:
+    """Pair a body parser with the methods of the request type it produces (mypy checks the three)."""
+    return _Route(parse, cast(Callable[[object, Context], Body], ask),
+                  cast(Callable[[object, Context, object], Body] | None, answer))
+
+
+def _enosys(h: P.InHeader, body: memoryview) -> object:
     raise OSError(errno.ENOSYS, "not implemented")
+
+
+_NOT_IMPLEMENTED = _route(_enosys, lambda r, ctx: None)
+#: Handlers the session calls outside a request, or that must never wait: plain methods only.
+_PLAIN_ONLY = ("init", "destroy", "status", "forget")
+
+
+_HANDLERS = sorted(name for name, value in vars(Operations).items() if callable(value) and name[0] != "_")
+
+
+def coroutine_handlers(fs: Operations) -> list[str]:
+    """The handlers of ``fs`` that are coroutine functions (``async def``), which need a runner."""
+    return [name for name in _HANDLERS if inspect.iscoroutinefunction(getattr(type(fs), name))]
 
 
 class Dispatcher:
@@ -96,7 +183,8 @@ class Dispatcher:
     ``Notifier`` the filesystem gets in ``init``). ``may_pass_through``: whether this process
     can use the backing ioctls (CAP_SYS_ADMIN). ``clock``: nanoseconds, for latencies and log
     rate limits. ``trace``: called with one line per request when debugging.
-    ``on_initialized``: called once the INIT reply has been written.
+    ``on_initialized``: called once the INIT reply has been written. ``runner``: where coroutine
+    handlers run; required if ``fs`` has any (``coroutine_handlers``).
     """
 
     def __init__(
@@ -104,8 +192,19 @@ class Dispatcher:
         send_notification: Callable[[bytes], object] | None = None, passthrough: PassthroughMode = "auto",
         may_pass_through: bool = False, max_stack_depth: int = 1, clock: Callable[[], int] = time.monotonic_ns,
         trace: Callable[[str], None] | None = None, on_initialized: Callable[[], None] | None = None,
+        runner: Runner | None = None,
     ) -> None:
+        awaited = coroutine_handlers(fs)
+        plain_only = [name for name in awaited if name in _PLAIN_ONLY]
+        if plain_only:
+            raise TypeError(f"{', '.join(plain_only)} must be plain methods, not async def: "
+                            "the session calls them outside any request")
+        if awaited and runner is None:
+            raise ValueError(f"async handlers ({', '.join(awaited)}) need a runner to run on")
         self.fs = fs
+        self.runner = runner
+        #: Counters of the requests coroutines answered, written on the runner's thread only.
+        self.runner_stats = WorkerStats()
         self.registry = registry if registry is not None else BackingRegistry(None)
         self.passthrough_mode: PassthroughMode = passthrough
         self.may_pass_through = may_pass_through
@@ -123,12 +222,13 @@ class Dispatcher:
         self._notify_replies: dict[int, Callable[[bytes], None]] = {}
         self._next_notify = 0
         self._log_window = (0, 0)  # (minute it counts, lines logged in it)
-        self._replying, self._silent = self._build_tables()
+        self._replying, self._silent = self._build_tables(frozenset(awaited))
 
     # --- the request path -------------------------------------------------------------
 
-    def handle(self, message: memoryview, scratch: Scratch) -> Outcome | None:
-        """Handle one whole message as read from the device."""
+    def handle(self, message: memoryview, scratch: Scratch) -> Outcome | Pending | None:
+        """Handle one whole message as read from the device: the Outcome to write, None if the
+        kernel expects no answer, PENDING if a coroutine answers it later (see the module)."""
         t0 = self._clock()
         try:
             h, body = self.parser.split(message)
@@ -155,15 +255,18 @@ class Dispatcher:
             early = self._early_interrupts and self._early_interrupts.pop(h.unique, 0) is None
         if early:
             ctx.interrupt()
+        parse, ask, answer, awaited = self._replying.get(opcode, _NOT_IMPLEMENTED)
+        if awaited:
+            return self._start(message, h, body, ctx, parse, ask, answer, scratch, t0)
         err = 0
         try:
-            out = self._replying.get(opcode, _enosys)(h, body, ctx)
+            r = parse(h, body)
+            out = ask(r, ctx) if answer is None else answer(r, ctx, ask(r, ctx))
             if out is None:
                 out = b""
             reply: Sequence[P.Buffer] = (_pack_out_header(16 + len(out), 0, h.unique), out)
         except OSError as e:
-            err = e.errno or errno.EIO
-            reply = (P.encode_error(h.unique, err),)
+            reply, err = self._refusal(h, e)
         except P.ProtocolError as e:
             with lock:
                 inflight.pop(h.unique, None)
@@ -179,6 +282,79 @@ class Dispatcher:
         if self._trace is not None:
             self._trace(self._describe(message, reply, elapsed))
         return _new_tuple(Outcome, (reply, ctx.undo, self._on_initialized if opcode == abi.Opcode.INIT else None))
+
+    def _refusal(self, h: P.InHeader, e: OSError) -> tuple[Sequence[P.Buffer], int]:
+        """The reply to a handler's OSError, and the errno to count (0 for a negative entry:
+        ENOENT to LOOKUP, cached for ``negative_timeout``)."""
+        err = e.errno or errno.EIO
+        if err == errno.ENOENT and h.opcode == abi.Opcode.LOOKUP and self.fs.negative_timeout > 0:
+            body = P.negative_entry_body(self.fs.negative_timeout)
+            return (_pack_out_header(16 + len(body), 0, h.unique), body), 0
+        return (P.encode_error(h.unique, err),), err
+
+    # --- requests coroutines answer -------------------------------------------------------
+
+    def _start(self, message: memoryview, h: P.InHeader, body: memoryview, ctx: Context,
+               parse: Callable[[P.InHeader, memoryview], object], ask: Callable[[object, Context], Body],
+               answer: Callable[[object, Context, object], Body] | None, scratch: Scratch,
+               t0: int) -> Outcome | Pending | None:
+        """Start the coroutine that answers a request on the runner and return PENDING; or the
+        Outcome at once if there is none to start (it failed first, the request was interrupted
+        already, or the handler asked turned out plain: a lock request whose other lock kind is async)."""
+        runner, deliver = self.runner, scratch.deliver
+        assert runner is not None and deliver is not None, "a transport serving coroutines gives a deliver"
+        ctx.scratch = _NO_BUFFER  # the worker's buffer is the next request's
+        trace = bytes(message) if self._trace is not None else b""
+        try:
+            r = parse(h, memoryview(bytes(body)))  # the coroutine outlives the read buffer
+            job = ask(r, ctx)
+        except P.ProtocolError as e:
+            with self._lock:
+                self._inflight.pop(h.unique, None)
+            return self._malformed(e, scratch, t0)
+        except Exception as e:
+            return self._settle(h, None, ctx, answer, _raising(e), t0, trace, scratch)
+        if not inspect.isawaitable(job):
+            return self._settle(h, r, ctx, answer, lambda: job, t0, trace, scratch)
+        if ctx.interrupted:  # by an INTERRUPT that came first: the coroutine never runs
+            if inspect.iscoroutine(job):
+                job.close()
+            return self._settle(h, r, ctx, answer, _raising(_interrupted()), t0, trace, scratch)
+        cancel = runner.start(job, lambda settled: deliver(self._settle(h, r, ctx, answer, settled, t0, trace)))
+        ctx.cancel_with(cancel)
+        return PENDING
+
+    def _settle(self, h: P.InHeader, r: object, ctx: Context, answer: Callable[[object, Context, object], Body] | None,
+                settled: Settled, t0: int, trace: bytes, scratch: Scratch | None = None) -> Outcome:
+        """The Outcome of a request a coroutine answered (``settled`` gives its value, or raises),
+        counted in ``scratch`` if settled on its thread, else in ``runner_stats``."""
+        opcode = h.opcode
+        err = 0
+        try:
+            value = settled()
+            out = cast(Body, value) if answer is None else answer(r, ctx, value)
+            if out is None:
+                out = b""
+            reply: Sequence[P.Buffer] = (_pack_out_header(16 + len(out), 0, h.unique), out)
+        except OSError as e:
+            reply, err = self._refusal(h, e)
+        except Exception:
+            err = errno.EIO
+            log.error("handler for %s raised:\n%s", abi.opname(opcode), traceback.format_exc())
+            reply = (P.encode_error(h.unique, errno.EIO),)
+        with self._lock:
+            self._inflight.pop(h.unique, None)
+        elapsed = self._clock() - t0
+        (scratch.stats if scratch is not None else self.runner_stats).record(opcode, err, elapsed)
+        if self._trace is not None:
+            self._trace(self._describe(memoryview(trace), reply, elapsed))
+        return Outcome(reply, ctx.undo)
+
+    def _aside(self, value: object) -> None:
+        """Run what a coroutine handler returned where no one waits for it (an undo, or a release
+        the kernel is not told about): on the runner, failures logged."""
+        if inspect.isawaitable(value) and self.runner is not None:
+            self.runner.start(value, _log_failure)
 
     def _malformed(self, e: P.ProtocolError, scratch: Scratch, t0: int) -> Outcome | None:
         """Answer a malformed request with its errno (if it expects an answer), count it, and log it
@@ -259,62 +435,69 @@ class Dispatcher:
 
     # --- the table --------------------------------------------------------------------
 
-    def _build_tables(self) -> tuple[dict[int, Handler], dict[int, Handler]]:
+    def _build_tables(self, awaited: frozenset[str]) -> tuple[dict[int, _Route], dict[int, Handler]]:
         O = abi.Opcode
         p = self.parser
-        # (opcodes, handler, the fs method it needs, or None when always served)
-        plan: list[tuple[Sequence[int], Handler, str | None]] = [
-            ((O.INIT,), _route(p.parse_init, self._init), None),
-            ((O.DESTROY,), _route(p.parse_destroy, self._destroy), None),
-            ((O.LOOKUP,), _route(p.parse_lookup, self._lookup), "lookup"),
-            ((O.GETATTR,), _route(p.parse_getattr, self._getattr), "getattr"),
-            ((O.SETATTR,), _route(p.parse_setattr, self._setattr), "setattr"),
-            ((O.STATX,), _route(p.parse_statx, self._statx), "statx"),
-            ((O.READLINK,), _route(p.parse_readlink, self._readlink), "readlink"),
-            ((O.SYMLINK,), _route(p.parse_symlink, self._symlink), "symlink"),
-            ((O.MKNOD,), _route(p.parse_mknod, self._mknod), "mknod"),
-            ((O.MKDIR,), _route(p.parse_mkdir, self._mkdir), "mkdir"),
-            ((O.UNLINK,), _route(p.parse_unlink, self._unlink), "unlink"),
-            ((O.RMDIR,), _route(p.parse_rmdir, self._rmdir), "rmdir"),
-            ((O.RENAME,), _route(p.parse_rename, self._rename), "rename"),
-            ((O.RENAME2,), _route(p.parse_rename2, self._rename), "rename"),
-            ((O.LINK,), _route(p.parse_link, self._link), "link"),
-            ((O.OPEN,), _route(p.parse_open, self._open), "open"),
-            ((O.CREATE,), _route(p.parse_create, self._create), "create"),
-            ((O.TMPFILE,), _route(p.parse_create, self._tmpfile), "tmpfile"),
-            ((O.READ,), _route(p.parse_read, self._read), "read"),
-            ((O.WRITE,), _route(p.parse_write, self._write), "write"),
-            ((O.FLUSH,), _route(p.parse_flush, self._flush), "flush"),
-            ((O.RELEASE,), _route(p.parse_release, self._release), None),
-            ((O.FSYNC,), _route(p.parse_fsync, self._fsync), "fsync"),
-            ((O.FALLOCATE,), _route(p.parse_fallocate, self._fallocate), "fallocate"),
-            ((O.LSEEK,), _route(p.parse_lseek, self._lseek), "lseek"),
-            ((O.COPY_FILE_RANGE, O.COPY_FILE_RANGE_64), _route(p.parse_copy_file_range, self._copy_file_range),
-             "copy_file_range"),
-            ((O.STATFS,), _route(p.parse_statfs, self._statfs), None),
-            ((O.ACCESS,), _route(p.parse_access, self._access), "access"),
-            ((O.OPENDIR,), _route(p.parse_open, self._opendir), "opendir"),
-            ((O.READDIR, O.READDIRPLUS), _route(p.parse_read, self._readdir), "readdir"),
-            ((O.RELEASEDIR,), _route(p.parse_release, self._releasedir), None),
-            ((O.FSYNCDIR,), _route(p.parse_fsync, self._fsyncdir), "fsyncdir"),
-            ((O.SETXATTR,), _route(p.parse_setxattr, self._setxattr), "setxattr"),
-            ((O.GETXATTR,), _route(p.parse_getxattr, self._getxattr), "getxattr"),
-            ((O.LISTXATTR,), _route(p.parse_listxattr, self._listxattr), "listxattr"),
-            ((O.REMOVEXATTR,), _route(p.parse_removexattr, self._removexattr), "removexattr"),
-            ((O.GETLK,), _route(p.parse_lock, self._getlk), "getlk"),
-            ((O.SETLK, O.SETLKW), _route(p.parse_lock, self._setlk), "setlk"),
+        # (opcodes, route, the fs methods it calls: the first is the one it needs to be served,
+        #  the others are those of which one that is a coroutine makes the route a coroutine's)
+        plan: list[tuple[Sequence[int], _Route, Sequence[str]]] = [
+            ((O.INIT,), _route(p.parse_init, self._init), ()),
+            ((O.DESTROY,), _route(p.parse_destroy, self._destroy), ()),
+            ((O.LOOKUP,), _route(p.parse_lookup, self._lookup, self._entry_body), ("lookup",)),
+            ((O.GETATTR,), _route(p.parse_getattr, self._getattr, self._attr_reply), ("getattr",)),
+            ((O.SETATTR,), _route(p.parse_setattr, self._setattr, self._attr_reply), ("setattr",)),
+            ((O.STATX,), _route(p.parse_statx, self._statx, self._statx_reply), ("statx",)),
+            ((O.READLINK,), _route(p.parse_readlink, self._readlink), ("readlink",)),
+            ((O.SYMLINK,), _route(p.parse_symlink, self._symlink, self._entry_body), ("symlink",)),
+            ((O.MKNOD,), _route(p.parse_mknod, self._mknod, self._entry_body), ("mknod",)),
+            ((O.MKDIR,), _route(p.parse_mkdir, self._mkdir, self._entry_body), ("mkdir",)),
+            ((O.UNLINK,), _route(p.parse_unlink, self._unlink, _no_body), ("unlink",)),
+            ((O.RMDIR,), _route(p.parse_rmdir, self._rmdir, _no_body), ("rmdir",)),
+            ((O.RENAME,), _route(p.parse_rename, self._rename, _no_body), ("rename",)),
+            ((O.RENAME2,), _route(p.parse_rename2, self._rename, _no_body), ("rename",)),
+            ((O.LINK,), _route(p.parse_link, self._link, self._entry_body), ("link",)),
+            ((O.OPEN,), _route(p.parse_open, self._open, self._file_opened), ("open",)),
+            ((O.CREATE,), _route(p.parse_create, self._create, self._created), ("create",)),
+            ((O.TMPFILE,), _route(p.parse_create, self._tmpfile, self._created), ("tmpfile",)),
+            ((O.READ,), _route(p.parse_read, self._read), ("read",)),
+            ((O.WRITE,), _route(p.parse_write, self._write, _written), ("write",)),
+            ((O.FLUSH,), _route(p.parse_flush, self._flush, _no_body), ("flush",)),
+            ((O.FSYNC,), _route(p.parse_fsync, self._fsync, _no_body), ("fsync",)),
+            ((O.FALLOCATE,), _route(p.parse_fallocate, self._fallocate, _no_body), ("fallocate",)),
+            ((O.LSEEK,), _route(p.parse_lseek, self._lseek, _sought), ("lseek",)),
+            ((O.COPY_FILE_RANGE, O.COPY_FILE_RANGE_64),
+             _route(p.parse_copy_file_range, self._copy_file_range, _copied), ("copy_file_range",)),
+            ((O.STATFS,), _route(p.parse_statfs, self._statfs, _statfs_reply), ("", "statfs")),
+            ((O.ACCESS,), _route(p.parse_access, self._access, _no_body), ("access",)),
+            ((O.OPENDIR,), _route(p.parse_open, self._opendir, self._dir_opened), ("opendir",)),
+            ((O.FSYNCDIR,), _route(p.parse_fsync, self._fsyncdir, _no_body), ("fsyncdir",)),
+            ((O.SETXATTR,), _route(p.parse_setxattr, self._setxattr, _no_body), ("setxattr",)),
+            ((O.GETXATTR,), _route(p.parse_getxattr, self._getxattr, _xattr_reply), ("getxattr",)),
+            ((O.LISTXATTR,), _route(p.parse_listxattr, self._listxattr, _xattr_names_reply), ("listxattr",)),
+            ((O.REMOVEXATTR,), _route(p.parse_removexattr, self._removexattr, _no_body), ("removexattr",)),
+            ((O.GETLK,), _route(p.parse_lock, self._getlk, _lock_reply), ("getlk",)),
+            ((O.SETLK, O.SETLKW), _route(p.parse_lock, self._setlk, _no_body), ("setlk", "flock")),
+            ((O.RELEASEDIR,), _route(p.parse_release, self._releasedir, _no_body), ("", "releasedir")),
+            # Their coroutine forms await more than the one call their plain forms make.
+            ((O.RELEASE,), _route(p.parse_release, self._release_async) if awaited & {"release", "flock"}
+             else _route(p.parse_release, self._release), ("", "release", "flock")),
+            ((O.READDIR, O.READDIRPLUS), _route(p.parse_read, self._readdir_async) if "readdir" in awaited
+             else _route(p.parse_read, self._readdir), ("readdir",)),
         ]
-        replying = {op: handler for ops, handler, need in plan if need is None or implemented(self.fs, need)
-                    for op in ops}
+        replying = {
+            op: route._replace(awaited=bool(awaited.intersection(calls)))
+            for ops, route, calls in plan if not calls or not calls[0] or implemented(self.fs, calls[0])
+            for op in ops
+        }
         silent: dict[int, Handler] = {
-            O.FORGET: _route(p.parse_forget, self._forget),
-            O.BATCH_FORGET: _route(p.parse_batch_forget, self._forget),
-            O.INTERRUPT: _route(p.parse_interrupt, self._interrupt),
-            O.NOTIFY_REPLY: _route(p.parse_notify_reply, self._notify_reply),
+            O.FORGET: _silent(p.parse_forget, self._forget),
+            O.BATCH_FORGET: _silent(p.parse_batch_forget, self._forget),
+            O.INTERRUPT: _silent(p.parse_interrupt, self._interrupt),
+            O.NOTIFY_REPLY: _silent(p.parse_notify_reply, self._notify_reply),
         }
         return replying, silent
 
-    # --- one method per request type --------------------------------------------------
+    # --- one method per request type, asking the filesystem; encoders of its answers ---
 
     def _destroy(self, r: P.Destroy, ctx: Context) -> Body:
         return None
@@ -324,19 +507,16 @@ class Dispatcher:
         for nodeid, _ in r.items:  # the kernel dropped the inode: its sticky served reason goes too
             self.registry.forget(nodeid)
 
-    def _lookup(self, r: P.Lookup, ctx: Context) -> Body:
-        fs = self.fs
-        try:
-            return self._entry_body(ctx, fs.lookup(ctx, r.header.nodeid, r.name))
-        except OSError as e:
-            if e.errno == errno.ENOENT and fs.negative_timeout > 0:
-                return P.negative_entry_body(fs.negative_timeout)
-            raise
+    def _lookup(self, r: P.Lookup, ctx: Context) -> Entry:
+        return self.fs.lookup(ctx, r.header.nodeid, r.name)
 
-    def _getattr(self, r: P.Getattr, ctx: Context) -> Body:
-        return P.attr_body(self.fs.getattr(ctx, r.header.nodeid, r.fh), self.fs.attr_timeout)
+    def _getattr(self, r: P.Getattr, ctx: Context) -> AttrLike:
+        return self.fs.getattr(ctx, r.header.nodeid, r.fh)
 
-    def _setattr(self, r: P.Setattr, ctx: Context) -> Body:
+    def _attr_reply(self, r: object, ctx: Context, attr: AttrLike) -> Body:
+        return P.attr_body(attr, self.fs.attr_timeout)
+
+    def _setattr(self, r: P.Setattr, ctx: Context) -> AttrLike:
         F = abi.FattrFlag
         v = r.valid
         changes = Changes(
@@ -351,40 +531,39 @@ class Dispatcher:
             mtime_now=bool(v & F.MTIME_NOW),
             kill_suidgid=bool(v & F.KILL_SUIDGID),
         )
-        return P.attr_body(self.fs.setattr(ctx, r.header.nodeid, changes, r.fh), self.fs.attr_timeout)
+        return self.fs.setattr(ctx, r.header.nodeid, changes, r.fh)
 
-    def _statx(self, r: P.Statx, ctx: Context) -> Body:
-        return P.statx_body(self.fs.statx(ctx, r.header.nodeid, r.fh, r.sx_flags, r.sx_mask), self.fs.attr_timeout)
+    def _statx(self, r: P.Statx, ctx: Context) -> StatxReply:
+        return self.fs.statx(ctx, r.header.nodeid, r.fh, r.sx_flags, r.sx_mask)
+
+    def _statx_reply(self, r: object, ctx: Context, sx: StatxReply) -> Body:
+        return P.statx_body(sx, self.fs.attr_timeout)
 
     def _readlink(self, r: P.Readlink, ctx: Context) -> Body:
         return self.fs.readlink(ctx, r.header.nodeid)
 
-    def _symlink(self, r: P.Symlink, ctx: Context) -> Body:
-        return self._entry_body(ctx, self.fs.symlink(ctx, r.header.nodeid, r.name, r.target))
+    def _symlink(self, r: P.Symlink, ctx: Context) -> Entry:
+        return self.fs.symlink(ctx, r.header.nodeid, r.name, r.target)
 
-    def _mknod(self, r: P.Mknod, ctx: Context) -> Body:
-        entry = self.fs.mknod(ctx, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)
-        return self._entry_body(ctx, entry)
+    def _mknod(self, r: P.Mknod, ctx: Context) -> Entry:
+        return self.fs.mknod(ctx, r.header.nodeid, r.name, r.mode, P.decode_rdev(r.rdev), r.umask)
 
-    def _mkdir(self, r: P.Mkdir, ctx: Context) -> Body:
-        return self._entry_body(ctx, self.fs.mkdir(ctx, r.header.nodeid, r.name, r.mode, r.umask))
+    def _mkdir(self, r: P.Mkdir, ctx: Context) -> Entry:
+        return self.fs.mkdir(ctx, r.header.nodeid, r.name, r.mode, r.umask)
 
-    def _unlink(self, r: P.Unlink, ctx: Context) -> Body:
-        self.fs.unlink(ctx, r.header.nodeid, r.name)
-        return None
+    def _unlink(self, r: P.Unlink, ctx: Context) -> None:
+        return self.fs.unlink(ctx, r.header.nodeid, r.name)
 
-    def _rmdir(self, r: P.Rmdir, ctx: Context) -> Body:
-        self.fs.rmdir(ctx, r.header.nodeid, r.name)
-        return None
+    def _rmdir(self, r: P.Rmdir, ctx: Context) -> None:
+        return self.fs.rmdir(ctx, r.header.nodeid, r.name)
 
-    def _rename(self, r: P.Rename, ctx: Context) -> Body:
-        self.fs.rename(ctx, r.header.nodeid, r.name, r.newdir, r.newname, r.flags)
-        return None
+    def _rename(self, r: P.Rename, ctx: Context) -> None:
+        return self.fs.rename(ctx, r.header.nodeid, r.name, r.newdir, r.newname, r.flags)
 
-    def _link(self, r: P.Link, ctx: Context) -> Body:
-        return self._entry_body(ctx, self.fs.link(ctx, r.oldnodeid, r.header.nodeid, r.newname))
+    def _link(self, r: P.Link, ctx: Context) -> Entry:
+        return self.fs.link(ctx, r.oldnodeid, r.header.nodeid, r.newname)
 
-    def _entry_body(self, ctx: Context, entry: Entry) -> bytes:
+    def _entry_body(self, r: object, ctx: Context, entry: Entry) -> bytes:
         """Encode an entry; if the kernel never gets it, it never counted the lookup: forget it."""
         nodeid = entry.nodeid
         ctx.on_undelivered(lambda: self.fs.forget(((nodeid, 1),)))
@@ -400,43 +579,50 @@ class Dispatcher:
             if backing_id:
                 flags = (flags & abi.FOPEN_PASSTHROUGH_COMPATIBLE) | abi.FopenFlag.PASSTHROUGH
 
+            release: Callable[[Context, int, int, int], object] = self.fs.release
+
             def undo() -> None:
                 self.registry.release(ino)
-                self.fs.release(ctx, ino, fh, 0)
+                self._aside(release(ctx, ino, fh, 0))
 
             ctx.on_undelivered(undo)
         else:
-            ctx.on_undelivered(lambda: self.fs.releasedir(ctx, ino, fh))
+            releasedir: Callable[[Context, int, int], object] = self.fs.releasedir
+            ctx.on_undelivered(lambda: self._aside(releasedir(ctx, ino, fh)))
         return P.open_body(fh, flags, backing_id)
 
-    def _open(self, r: P.Open, ctx: Context) -> Body:
-        ino = r.header.nodeid
+    def _open(self, r: P.Open, ctx: Context) -> Opened:
         ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
-        return self._opened_body(ino, self.fs.open(ctx, ino, r.flags), ctx, True)
+        return self.fs.open(ctx, r.header.nodeid, r.flags)
 
-    def _opendir(self, r: P.Open, ctx: Context) -> Body:
-        ino = r.header.nodeid
-        return self._opened_body(ino, self.fs.opendir(ctx, ino, r.flags), ctx, False)
+    def _file_opened(self, r: P.Open, ctx: Context, opened: Opened) -> Body:
+        return self._opened_body(r.header.nodeid, opened, ctx, True)
 
-    def _create(self, r: P.Create, ctx: Context) -> Body:
+    def _opendir(self, r: P.Open, ctx: Context) -> Opened:
+        return self.fs.opendir(ctx, r.header.nodeid, r.flags)
+
+    def _dir_opened(self, r: P.Open, ctx: Context, opened: Opened) -> Body:
+        return self._opened_body(r.header.nodeid, opened, ctx, False)
+
+    def _create(self, r: P.Create, ctx: Context) -> tuple[Entry, Opened]:
         ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
-        entry, opened = self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
-        return self._entry_body(ctx, entry) + self._opened_body(entry.nodeid, opened, ctx, True)
+        return self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
 
-    def _tmpfile(self, r: P.Create, ctx: Context) -> Body:
-        entry, opened = self.fs.tmpfile(ctx, r.header.nodeid, r.mode, r.umask, r.flags)
-        return self._entry_body(ctx, entry) + self._opened_body(entry.nodeid, opened, ctx, True)
+    def _tmpfile(self, r: P.Create, ctx: Context) -> tuple[Entry, Opened]:
+        return self.fs.tmpfile(ctx, r.header.nodeid, r.mode, r.umask, r.flags)
+
+    def _created(self, r: object, ctx: Context, made: tuple[Entry, Opened]) -> Body:
+        entry, opened = made
+        return self._entry_body(r, ctx, entry) + self._opened_body(entry.nodeid, opened, ctx, True)
 
     def _read(self, r: P.Read, ctx: Context) -> Body:
         return self.fs.read(ctx, r.header.nodeid, r.fh, r.offset, r.size)
 
-    def _write(self, r: P.Write, ctx: Context) -> Body:
-        written = self.fs.write(ctx, r.header.nodeid, r.fh, r.offset, r.data, r.write_flags)
-        return abi.WRITE_OUT.pack(written, 0)
+    def _write(self, r: P.Write, ctx: Context) -> int:
+        return self.fs.write(ctx, r.header.nodeid, r.fh, r.offset, r.data, r.write_flags)
 
-    def _flush(self, r: P.Flush, ctx: Context) -> Body:
-        self.fs.flush(ctx, r.header.nodeid, r.fh, r.lock_owner)
-        return None
+    def _flush(self, r: P.Flush, ctx: Context) -> None:
+        return self.fs.flush(ctx, r.header.nodeid, r.fh, r.lock_owner)
 
     def _release(self, r: P.Release, ctx: Context) -> Body:
         ino = r.header.nodeid
@@ -448,73 +634,128 @@ class Dispatcher:
             self.registry.release(ino)
         return None
 
-    def _fsync(self, r: P.Fsync, ctx: Context) -> Body:
-        self.fs.fsync(ctx, r.header.nodeid, r.fh, r.datasync)
+    async def _release_async(self, r: P.Release, ctx: Context) -> Body:
+        ino = r.header.nodeid
+        flock: Callable[[Context, int, int, int, int, bool], object] = self.fs.flock
+        release: Callable[[Context, int, int, int], object] = self.fs.release
+        try:
+            if r.release_flags & abi.RELEASE_FLOCK_UNLOCK and implemented(self.fs, "flock"):
+                await _settled_value(flock(ctx, ino, r.fh, r.lock_owner, _F_UNLCK, False))
+            await _settled_value(release(ctx, ino, r.fh, r.flags))
+        finally:
+            self.registry.release(ino)
         return None
 
-    def _fallocate(self, r: P.Fallocate, ctx: Context) -> Body:
-        self.fs.fallocate(ctx, r.header.nodeid, r.fh, r.offset, r.length, r.mode)
-        return None
+    def _fsync(self, r: P.Fsync, ctx: Context) -> None:
+        return self.fs.fsync(ctx, r.header.nodeid, r.fh, r.datasync)
 
-    def _lseek(self, r: P.Lseek, ctx: Context) -> Body:
-        return abi.LSEEK_OUT.pack(self.fs.lseek(ctx, r.header.nodeid, r.fh, r.offset, r.whence))
+    def _fallocate(self, r: P.Fallocate, ctx: Context) -> None:
+        return self.fs.fallocate(ctx, r.header.nodeid, r.fh, r.offset, r.length, r.mode)
 
-    def _copy_file_range(self, r: P.CopyFileRange, ctx: Context) -> Body:
-        n = self.fs.copy_file_range(
+    def _lseek(self, r: P.Lseek, ctx: Context) -> int:
+        return self.fs.lseek(ctx, r.header.nodeid, r.fh, r.offset, r.whence)
+
+    def _copy_file_range(self, r: P.CopyFileRange, ctx: Context) -> int:
+        return self.fs.copy_file_range(
             ctx, r.header.nodeid, r.fh_in, r.off_in, r.nodeid_out, r.fh_out, r.off_out, r.length, r.flags
         )
-        if r.header.opcode == abi.Opcode.COPY_FILE_RANGE:
-            return abi.WRITE_OUT.pack(min(n, 0xFFFFFFFF), 0)
-        return abi.COPY_FILE_RANGE_OUT.pack(n)
 
-    def _statfs(self, r: P.Statfs, ctx: Context) -> Body:
+    def _statfs(self, r: P.Statfs, ctx: Context) -> P.StatfsReply:
         if implemented(self.fs, "statfs"):
-            return P.statfs_body(self.fs.statfs(ctx, r.header.nodeid))
-        return P.statfs_body(P.StatfsReply(0, 0, 0, 0, 0, 512, 255, 512))
+            return self.fs.statfs(ctx, r.header.nodeid)
+        return P.StatfsReply(0, 0, 0, 0, 0, 512, 255, 512)
 
-    def _access(self, r: P.Access, ctx: Context) -> Body:
-        self.fs.access(ctx, r.header.nodeid, r.mask)
-        return None
+    def _access(self, r: P.Access, ctx: Context) -> None:
+        return self.fs.access(ctx, r.header.nodeid, r.mask)
 
     def _readdir(self, r: P.Read, ctx: Context) -> Body:
-        plus = r.header.opcode == abi.Opcode.READDIRPLUS
-        listing = DirListing(ctx.scratch, r.size, plus)
+        listing = DirListing(ctx.scratch, r.size, r.header.opcode == abi.Opcode.READDIRPLUS)
         self.fs.readdir(ctx, r.header.nodeid, r.fh, r.offset, listing)
         return listing.result()
 
-    def _releasedir(self, r: P.Release, ctx: Context) -> Body:
-        self.fs.releasedir(ctx, r.header.nodeid, r.fh)
-        return None
+    async def _readdir_async(self, r: P.Read, ctx: Context) -> Body:
+        listing = DirListing(ctx.buffer(r.size), r.size, r.header.opcode == abi.Opcode.READDIRPLUS)
+        readdir: Callable[[Context, int, int, int, DirListing], object] = self.fs.readdir
+        await _settled_value(readdir(ctx, r.header.nodeid, r.fh, r.offset, listing))
+        return listing.result()
 
-    def _fsyncdir(self, r: P.Fsync, ctx: Context) -> Body:
-        self.fs.fsyncdir(ctx, r.header.nodeid, r.fh, r.datasync)
-        return None
+    def _releasedir(self, r: P.Release, ctx: Context) -> None:
+        return self.fs.releasedir(ctx, r.header.nodeid, r.fh)
 
-    def _setxattr(self, r: P.Setxattr, ctx: Context) -> Body:
-        self.fs.setxattr(ctx, r.header.nodeid, r.name, r.value, r.flags)
-        return None
+    def _fsyncdir(self, r: P.Fsync, ctx: Context) -> None:
+        return self.fs.fsyncdir(ctx, r.header.nodeid, r.fh, r.datasync)
 
-    def _getxattr(self, r: P.Getxattr, ctx: Context) -> Body:
-        return _sized(self.fs.getxattr(ctx, r.header.nodeid, r.name), r.size)
+    def _setxattr(self, r: P.Setxattr, ctx: Context) -> None:
+        return self.fs.setxattr(ctx, r.header.nodeid, r.name, r.value, r.flags)
 
-    def _listxattr(self, r: P.Listxattr, ctx: Context) -> Body:
-        return _sized(P.join_names(self.fs.listxattr(ctx, r.header.nodeid)), r.size)
+    def _getxattr(self, r: P.Getxattr, ctx: Context) -> bytes:
+        return self.fs.getxattr(ctx, r.header.nodeid, r.name)
 
-    def _removexattr(self, r: P.Removexattr, ctx: Context) -> Body:
-        self.fs.removexattr(ctx, r.header.nodeid, r.name)
-        return None
+    def _listxattr(self, r: P.Listxattr, ctx: Context) -> Sequence[bytes]:
+        return self.fs.listxattr(ctx, r.header.nodeid)
 
-    def _getlk(self, r: P.Lock, ctx: Context) -> Body:
-        start, end, typ, pid = self.fs.getlk(ctx, r.header.nodeid, r.fh, r.owner, r.start, r.end, r.type, r.pid)
-        return P.lock_body(start, end, typ, pid)
+    def _removexattr(self, r: P.Removexattr, ctx: Context) -> None:
+        return self.fs.removexattr(ctx, r.header.nodeid, r.name)
 
-    def _setlk(self, r: P.Lock, ctx: Context) -> Body:
+    def _getlk(self, r: P.Lock, ctx: Context) -> tuple[int, int, int, int]:
+        return self.fs.getlk(ctx, r.header.nodeid, r.fh, r.owner, r.start, r.end, r.type, r.pid)
+
+    def _setlk(self, r: P.Lock, ctx: Context) -> None:
         wait = r.header.opcode == abi.Opcode.SETLKW
         if r.lk_flags & abi.LK_FLOCK:
-            self.fs.flock(ctx, r.header.nodeid, r.fh, r.owner, r.type, wait)
-        else:
-            self.fs.setlk(ctx, r.header.nodeid, r.fh, r.owner, r.start, r.end, r.type, r.pid, wait)
+            return self.fs.flock(ctx, r.header.nodeid, r.fh, r.owner, r.type, wait)
+        return self.fs.setlk(ctx, r.header.nodeid, r.fh, r.owner, r.start, r.end, r.type, r.pid, wait)
+
+
+def _silent(parse: Callable[[P.InHeader, memoryview], R], handle: Callable[[R, Context], None]) -> Handler:
+    """Pair a body parser with the handler of a request the kernel expects no answer to."""
+
+    def run(h: P.InHeader, body: memoryview, ctx: Context) -> Body:
+        handle(parse(h, body), ctx)
         return None
+
+    return run
+
+
+async def _settled_value(value: object) -> None:
+    """Await what a handler returned if it is awaitable (its coroutine form), else take it as it is."""
+    if inspect.isawaitable(value):
+        await value
+
+
+def _no_body(r: object, ctx: Context, value: object) -> Body:
+    return None
+
+
+def _written(r: object, ctx: Context, n: int) -> Body:
+    return abi.WRITE_OUT.pack(n, 0)
+
+
+def _sought(r: object, ctx: Context, offset: int) -> Body:
+    return abi.LSEEK_OUT.pack(offset)
+
+
+def _copied(r: P.CopyFileRange, ctx: Context, n: int) -> Body:
+    if r.header.opcode == abi.Opcode.COPY_FILE_RANGE:
+        return abi.WRITE_OUT.pack(min(n, 0xFFFFFFFF), 0)
+    return abi.COPY_FILE_RANGE_OUT.pack(n)
+
+
+def _statfs_reply(r: object, ctx: Context, st: P.StatfsReply) -> Body:
+    return P.statfs_body(st)
+
+
+def _xattr_reply(r: P.Getxattr, ctx: Context, value: bytes) -> Body:
+    return _sized(value, r.size)
+
+
+def _xattr_names_reply(r: P.Listxattr, ctx: Context, names: Sequence[bytes]) -> Body:
+    return _sized(P.join_names(names), r.size)
+
+
+def _lock_reply(r: object, ctx: Context, lock: tuple[int, int, int, int]) -> Body:
+    start, end, typ, pid = lock
+    return P.lock_body(start, end, typ, pid)
 
 
 def _sized(value: bytes, size: int) -> bytes:
@@ -528,3 +769,23 @@ def _sized(value: bytes, size: int) -> bytes:
 
 def _not_connected(message: bytes) -> None:
     raise OSError(errno.ENOTCONN, "the dispatcher is not connected to a device")
+
+
+def _log_failure(settled: Settled) -> None:
+    try:
+        settled()
+    except InterruptedError:
+        pass
+    except Exception:
+        log.error("a handler run aside raised:\n%s", traceback.format_exc())
+
+
+def _interrupted() -> InterruptedError:
+    return InterruptedError(errno.EINTR, "interrupted")
+
+
+def _raising(error: BaseException) -> Settled:
+    def settled() -> object:
+        raise error
+
+    return settled

@@ -42,9 +42,13 @@ ROOT_ID = abi.ROOT_ID
 
 class Context:
     """Who is asking, for one request. ``interrupted`` turns true if the caller gave up
-    (a signal); a long handler should check it, or block in ``wait_interrupted``."""
+    (a signal); a long handler should check it, or block in ``wait_interrupted``. An
+    ``async def`` handler needs neither: the interrupt cancels its task."""
 
-    __slots__ = ("uid", "gid", "pid", "unique", "interrupted", "_event", "scratch", "undo", "kill_suidgid")
+    # _cancel is left unset (not None) on purpose: the request path creates a Context per
+    # request, and only a request served on the event loop gets one (see ``cancel_with``).
+    __slots__ = ("uid", "gid", "pid", "unique", "interrupted", "_event", "scratch", "undo", "kill_suidgid",
+                 "_cancel")
 
     def __init__(self, uid: int, gid: int, pid: int, unique: int, scratch: memoryview) -> None:
         self.uid = uid
@@ -76,6 +80,18 @@ class Context:
             self.interrupted = True
             if self._event is not None:
                 self._event.set()
+            cancel = getattr(self, "_cancel", None)
+        if cancel is not None:
+            cancel()
+
+    def cancel_with(self, cancel: Callable[[], None]) -> None:
+        """Have ``interrupt`` call ``cancel`` (at once if the request was interrupted already):
+        how the dispatcher cancels the task of an async handler."""
+        with _event_lock:
+            if not self.interrupted:
+                self._cancel = cancel
+                return
+        cancel()
 
     def on_undelivered(self, fn: Callable[[], None]) -> None:
         """Have ``fn`` run if this request's reply never reaches the kernel (the caller was
@@ -87,8 +103,11 @@ class Context:
 
     def buffer(self, size: int) -> memoryview:
         """A scratch buffer of ``size`` bytes (at most ``abi.MAX_WRITE``) owned by this
-        worker, for READ replies: fill it and return it, with no allocation."""
+        worker, for READ replies: fill it and return it, with no allocation. A request served
+        on the event loop has no worker buffer (many are in flight at once): it gets a new one."""
         if size > len(self.scratch):
+            if not self.scratch:
+                return memoryview(bytearray(size))
             raise ValueError(f"scratch buffer holds {len(self.scratch)} bytes, {size} asked")
         return self.scratch[:size]
 
@@ -235,6 +254,22 @@ class Operations:
     inodes and for the same one, and complete in any order. Lock the state they share.
     ``forget`` and ``release`` may run on any worker, even while another request on that
     inode is in flight.
+
+    **Coroutines.** Any request handler may be ``async def``, and plain and coroutine handlers
+    mix in one filesystem. The session runs coroutine handlers on one asyncio event loop (a
+    private one on a thread of its own, or yours: ``Session(..., loop=...)``, or
+    ``await fusepass.aio.serve(session)``), as many at once as requests arrive, up to
+    ``max_in_flight`` (4096 by default; further requests wait in the kernel), while plain
+    handlers stay on the worker threads. A coroutine returns what the plain handler would.
+    An INTERRUPT cancels its task and the caller gets EINTR: clean up in ``finally`` (or
+    ``except asyncio.CancelledError``, re-raising it); a reply is never half sent, and an
+    open cancelled before it returns registers no backing file. ``ctx.buffer(size)`` gives
+    a coroutine a new buffer (the worker's is not its). They all share the loop, so none
+    may block it: no blocking I/O or ``time.sleep`` (``asyncio.to_thread`` runs such work
+    elsewhere), and notifications go through ``fusepass.aio.AsyncNotifier``. ``init``,
+    ``destroy``, ``status`` and ``forget`` must stay plain (they are called outside any
+    request, or must never wait). For mypy, this class declares each handler's plain form:
+    a coroutine override needs ``# type: ignore[override]``.
 
     **Node ids and lookup counts.** ``ino``, ``parent`` and ``nodeid`` are the kernel's node
     ids; 1 is the root (``ROOT_ID``), which is never forgotten. Every ``Entry`` that reaches

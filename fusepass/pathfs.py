@@ -21,20 +21,26 @@ or ``os.PathLike``) of a real file, which the layer opens with the caller's flag
 registers with the kernel, so that read, write and mmap go to that file inside the kernel.
 Where passthrough cannot be had, the layer serves the file's data from that descriptor
 (or calls your ``read``/``write`` with it as ``fh``, if you have them).
+
+Any handler may be ``async def`` (``readdir`` may also be an async generator): the requests
+that call it are then served on the session's event loop, many at once, while the others stay
+on the worker threads (see ``fusepass.aio``). The layer's table is the same for both.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import errno
 import functools
+import inspect
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from . import abi
 from .notify import Notifier
@@ -55,13 +61,16 @@ UNKNOWN_INO = 0xFFFFFFFF
 # Flags of the caller's open that must not reach the re-open of a returned path.
 _REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
 
-_current = threading.local()
+_current = threading.local()  # the request a worker thread serves
+_task_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar("fusepass_request", default=None)
+T = TypeVar("T")
 
 
 def context() -> Context | None:
     """The request the calling handler is serving (uid, gid, pid of the caller), or None
-    outside a handler."""
-    return getattr(_current, "ctx", None)
+    outside a handler. In an ``async def`` handler, the request of its task."""
+    ctx = _task_context.get()
+    return ctx if ctx is not None else getattr(_current, "ctx", None)
 
 
 class PathOperations:
@@ -202,7 +211,8 @@ class PathOperations:
     def readdir(self, path: str, fh: int) -> Iterable[DirEntry]:
         """The names in directory ``path``, as ``str`` or (name, stat or None). Called once
         each time the directory is read from its start; the layer keeps the list for the
-        rest of that reading, so the offsets the kernel asks for stay consistent."""
+        rest of that reading, so the offsets the kernel asks for stay consistent. As a
+        coroutine it may return the names or yield them (an async generator)."""
         raise OSError(errno.ENOSYS, "readdir")
 
     def releasedir(self, path: str, fh: int) -> None:
@@ -275,22 +285,36 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "getxattr": ("getxattr",), "setxattr": ("setxattr",), "listxattr": ("listxattr",),
     "removexattr": ("removexattr",),
 }
-_classes: dict[frozenset[str], type[PathFS]] = {}
+# The inode handlers, and every path handler each calls: one that is a coroutine makes it one.
+_CALLS: dict[str, tuple[str, ...]] = {
+    **{name: (name,) for name in ("getattr", "readlink", "access", "statfs", "unlink", "rmdir", "rename", "open",
+                                  "read", "write", "flush", "fsync", "fallocate", "release", "opendir", "readdir",
+                                  "releasedir", "fsyncdir", "getxattr", "setxattr", "listxattr", "removexattr")},
+    "lookup": ("getattr",), "setattr": ("chmod", "chown", "truncate", "utimens", "getattr"),
+    "mknod": ("mknod", "getattr"), "mkdir": ("mkdir", "getattr"), "symlink": ("symlink", "getattr"),
+    "link": ("link", "getattr"), "create": ("create", "getattr", "release"),
+}
+_classes: dict[tuple[frozenset[str], frozenset[str]], type[PathFS]] = {}
 _classes_lock = threading.Lock()
 
 
 class PathFS(Operations):
     """Serve a ``PathOperations`` through the inode API. ``PathFS(fs)`` is an ``Operations``
     whose class overrides exactly the handlers ``fs`` can answer, so that the session
-    answers the others ENOSYS without calling Python."""
+    answers the others ENOSYS without calling Python, and whose handlers are coroutines
+    exactly where one of the path handlers they call is."""
 
     def __new__(cls, fs: PathOperations) -> PathFS:
         missing = frozenset(h for h, needs in _NEEDS.items() if not any(fs.implements(n) for n in needs))
+        awaiting = {name for name in {n for calls in _CALLS.values() for n in calls}
+                    if fs.implements(name) and _is_coroutine(getattr(fs, name))}
+        awaited = frozenset(h for h, calls in _CALLS.items() if h not in missing and awaiting.intersection(calls))
         with _classes_lock:
-            sub = _classes.get(missing)
+            sub = _classes.get((missing, awaited))
             if sub is None:
-                body = {name: getattr(Operations, name) for name in missing}
-                sub = _classes[missing] = type(cls.__name__, (cls,), body)
+                body: dict[str, object] = {name: getattr(Operations, name) for name in missing}
+                body.update((name, _COROUTINE_FORMS[name]) for name in awaited)
+                sub = _classes[(missing, awaited)] = type(cls.__name__, (cls,), body)
         return super().__new__(sub)
 
     def __init__(self, fs: PathOperations) -> None:
@@ -465,23 +489,34 @@ class PathFS(Operations):
         _current.ctx = ctx
         path = self._path(ino)
         ufh = self._user_fh(fh)
+        for change in self._changes(path, changes, ufh):
+            change()
+        return self._attr(self.fs.getattr(path, ufh), ino)
+
+    def _changes(self, path: str, changes: Changes, ufh: int | None) -> list[Callable[[], object]]:
+        """The handler calls a SETATTR makes, in order (ENOSYS first if one is missing)."""
         fs = self.fs
+        calls: list[Callable[[], object]] = []
         if changes.mode is not None:
             self._need("chmod")
-            fs.chmod(path, changes.mode, ufh)
+            mode = changes.mode
+            calls.append(lambda: fs.chmod(path, mode, ufh))
         if changes.uid is not None or changes.gid is not None:
             self._need("chown")
-            fs.chown(path, -1 if changes.uid is None else changes.uid, -1 if changes.gid is None else changes.gid,
-                     ufh)
+            uid = -1 if changes.uid is None else changes.uid
+            gid = -1 if changes.gid is None else changes.gid
+            calls.append(lambda: fs.chown(path, uid, gid, ufh))
         if changes.size is not None:
             self._need("truncate")
-            fs.truncate(path, changes.size, ufh)
+            size = changes.size
+            calls.append(lambda: fs.truncate(path, size, ufh))
         if changes.atime_ns is not None or changes.mtime_ns is not None or changes.atime_now or changes.mtime_now:
             self._need("utimens")
             now = time.time_ns()
-            fs.utimens(path, now if changes.atime_now else changes.atime_ns,
-                       now if changes.mtime_now else changes.mtime_ns, ufh)
-        return self._attr(fs.getattr(path, ufh), ino)
+            atime = now if changes.atime_now else changes.atime_ns
+            mtime = now if changes.mtime_now else changes.mtime_ns
+            calls.append(lambda: fs.utimens(path, atime, mtime, ufh))
+        return calls
 
     def _need(self, name: str) -> None:
         if name not in self._has:
@@ -527,7 +562,9 @@ class PathFS(Operations):
         node = self._node(ino)
         pnode, sname, path = self._child_path(newparent, newname)
         self.fs.link(path, node.path)
-        st = self.fs.getattr(path, None)
+        return self._linked(node, pnode, sname, self.fs.getattr(path, None))
+
+    def _linked(self, node: _Node, pnode: _Node, sname: str, st: Stat) -> Entry:
         with self._lock:
             pnode.children[sname] = node
             node.others.append((pnode, sname))
@@ -551,6 +588,9 @@ class PathFS(Operations):
         src, sname, old = self._child_path(parent, name)
         dst, dname, new = self._child_path(newparent, newname)
         self.fs.rename(old, new, flags)
+        self._renamed(src, sname, dst, dname, flags)
+
+    def _renamed(self, src: _Node, sname: str, dst: _Node, dname: str, flags: int) -> None:
         with self._lock:
             moved = src.children.pop(sname, None)
             replaced = dst.children.pop(dname, None)
@@ -601,12 +641,7 @@ class PathFS(Operations):
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         _current.ctx = ctx
         pnode, sname, path = self._child_path(parent, name)
-        result = self.fs.create(path, mode, flags)
-        try:
-            opened = self._opened(result, flags & ~(os.O_CREAT | os.O_EXCL))
-        except BaseException:
-            self._close_result(path, result)
-            raise
+        opened = self._created(path, self.fs.create(path, mode, flags), flags)
         try:
             entry = self._entry_for(pnode, sname, path)
         except BaseException:
@@ -614,9 +649,15 @@ class PathFS(Operations):
             raise
         return entry, opened
 
-    def _close_result(self, path: str, result: OpenResult) -> None:
-        if "release" in self._has and not isinstance(result, str | os.PathLike):
-            self.fs.release(path, result.fh if isinstance(result, Opened) else result)
+    def _created(self, path: str, result: OpenResult, flags: int) -> Opened:
+        """The handle of a file ``create`` made; if it cannot be had, the file is released."""
+        try:
+            return self._opened(result, flags & ~(os.O_CREAT | os.O_EXCL))
+        except BaseException:
+            if "release" in self._has and not isinstance(result, str | os.PathLike):
+                release: Callable[[str, int], object] = self.fs.release
+                _aside(release(path, result.fh if isinstance(result, Opened) else result))
+            raise
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         _current.ctx = ctx
@@ -683,7 +724,11 @@ class PathFS(Operations):
             raise OSError(errno.EBADF, f"unknown directory handle {fh}")
         if offset == 0 or d.entries is None:
             d.entries = [_dirent(item) for item in self.fs.readdir(self._path(ino), d.fh)]
-        entries = d.entries
+        self._list(ino, d.entries, offset, listing)
+
+    def _list(self, ino: int, entries: list[tuple[bytes, Attr, Attr | None]], offset: int,
+              listing: DirListing) -> None:
+        """Fill a READDIR(PLUS) reply from the listing kept for the open directory."""
         plus = listing.plus
         pnode = self._node(ino) if plus else None
         for index in range(offset, len(entries)):
@@ -763,3 +808,262 @@ def _dirent(item: DirEntry | Any) -> tuple[bytes, Attr, Attr | None]:
         return name_bytes(name), Attr(UNKNOWN_INO, 0), None
     attr = st if isinstance(st, Attr) else Attr.from_stat(st)
     return name_bytes(name), Attr(attr.ino or UNKNOWN_INO, stat.S_IFMT(attr.mode)), attr
+
+
+def _is_coroutine(handler: object) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler)
+
+
+async def _resolved(value: T) -> T:
+    """What a path handler returned, awaited if it is a coroutine's (typed as its plain form's)."""
+    if inspect.isawaitable(value):
+        return cast(T, await value)
+    return value
+
+
+_background: set[object] = set()
+
+
+def _aside(value: object) -> None:
+    """Run what a coroutine handler returned where nothing waits for it (a release after a failure)."""
+    if inspect.iscoroutine(value):
+        import asyncio
+
+        task = asyncio.ensure_future(value)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+# --- the coroutine forms of PathFS's handlers ----------------------------------------------
+# Installed by PathFS.__new__ in place of the plain ones when a path handler they call is a
+# coroutine; each awaits what the plain form calls and keeps the table as the plain form does.
+
+
+async def _lookup(self: PathFS, ctx: Context, parent: int, name: bytes) -> Entry:
+    _task_context.set(ctx)
+    if name in (b".", b".."):
+        pnode = self._node(parent)
+        node = pnode if name == b"." or pnode.parent is None else pnode.parent
+        st = await _resolved(self.fs.getattr(node.path, None))
+        with self._lock:
+            node.lookups += 1
+        return Entry(node.nodeid, self._attr(st, node.nodeid), self.entry_timeout, self.attr_timeout)
+    pnode, sname, path = self._child_path(parent, name)
+    return await _entry_for(self, pnode, sname, path)
+
+
+async def _entry_for(self: PathFS, pnode: _Node, sname: str, path: str) -> Entry:
+    st = await _resolved(self.fs.getattr(path, None))
+    node = self._remember(pnode, sname, path)
+    return Entry(node.nodeid, self._attr(st, node.nodeid), self.entry_timeout, self.attr_timeout)
+
+
+async def _getattr(self: PathFS, ctx: Context, ino: int, fh: int | None) -> Attr:
+    _task_context.set(ctx)
+    return self._attr(await _resolved(self.fs.getattr(self._path(ino), self._user_fh(fh))), ino)
+
+
+async def _setattr(self: PathFS, ctx: Context, ino: int, changes: Changes, fh: int | None) -> Attr:
+    _task_context.set(ctx)
+    path = self._path(ino)
+    ufh = self._user_fh(fh)
+    for change in self._changes(path, changes, ufh):
+        await _resolved(change())
+    return self._attr(await _resolved(self.fs.getattr(path, ufh)), ino)
+
+
+async def _readlink(self: PathFS, ctx: Context, ino: int) -> bytes:
+    _task_context.set(ctx)
+    return os.fsencode(await _resolved(self.fs.readlink(self._path(ino))))
+
+
+async def _access(self: PathFS, ctx: Context, ino: int, mask: int) -> None:
+    _task_context.set(ctx)
+    access: Callable[[str, int], object] = self.fs.access
+    await _resolved(access(self._path(ino), mask))
+
+
+async def _statfs(self: PathFS, ctx: Context, ino: int) -> StatfsReply:
+    _task_context.set(ctx)
+    st = await _resolved(self.fs.statfs(self._path(ino)))
+    return st if isinstance(st, StatfsReply) else StatfsReply.from_statvfs(st)
+
+
+def _making(make: Callable[[PathFS, str, Any], object]) -> Callable[..., Coroutine[object, object, Entry]]:
+    """The coroutine form of mknod, mkdir and symlink: make the name, then look it up."""
+
+    async def made(self: PathFS, ctx: Context, parent: int, name: bytes, *args: Any) -> Entry:
+        _task_context.set(ctx)
+        pnode, sname, path = self._child_path(parent, name)
+        await _resolved(make(self, path, args))
+        return await _entry_for(self, pnode, sname, path)
+
+    return made
+
+
+async def _link(self: PathFS, ctx: Context, ino: int, newparent: int, newname: bytes) -> Entry:
+    _task_context.set(ctx)
+    node = self._node(ino)
+    pnode, sname, path = self._child_path(newparent, newname)
+    link: Callable[[str, str], object] = self.fs.link
+    await _resolved(link(path, node.path))
+    return self._linked(node, pnode, sname, await _resolved(self.fs.getattr(path, None)))
+
+
+def _removing(remove: Callable[[PathFS, str], object]) -> Callable[..., Coroutine[object, object, None]]:
+    """The coroutine form of unlink and rmdir."""
+
+    async def removed(self: PathFS, ctx: Context, parent: int, name: bytes) -> None:
+        _task_context.set(ctx)
+        pnode, sname, path = self._child_path(parent, name)
+        await _resolved(remove(self, path))
+        self._detach(pnode, sname)
+
+    return removed
+
+
+async def _rename(self: PathFS, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+                  flags: int) -> None:
+    _task_context.set(ctx)
+    src, sname, old = self._child_path(parent, name)
+    dst, dname, new = self._child_path(newparent, newname)
+    rename: Callable[[str, str, int], object] = self.fs.rename
+    await _resolved(rename(old, new, flags))
+    self._renamed(src, sname, dst, dname, flags)
+
+
+async def _open(self: PathFS, ctx: Context, ino: int, flags: int) -> Opened:
+    _task_context.set(ctx)
+    result = await _resolved(self.fs.open(self._path(ino), flags))
+    return self._opened(result, flags)
+
+
+async def _create(self: PathFS, ctx: Context, parent: int, name: bytes, mode: int, umask: int,
+                  flags: int) -> tuple[Entry, Opened]:
+    _task_context.set(ctx)
+    pnode, sname, path = self._child_path(parent, name)
+    opened = self._created(path, await _resolved(self.fs.create(path, mode, flags)), flags)
+    try:
+        entry = await _entry_for(self, pnode, sname, path)
+    except BaseException:
+        release: Callable[[Context, int, int, int], object] = self.release
+        await _resolved(release(ctx, 0, opened.fh, flags))
+        raise
+    return entry, opened
+
+
+async def _read(self: PathFS, ctx: Context, ino: int, fh: int, offset: int,
+                size: int) -> bytes | bytearray | memoryview:
+    _task_context.set(ctx)
+    return await _resolved(self.fs.read(self._path(ino), size, offset, self._handle(fh).fh))
+
+
+async def _write(self: PathFS, ctx: Context, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
+    _task_context.set(ctx)
+    return await _resolved(self.fs.write(self._path(ino), bytes(data), offset, self._handle(fh).fh))
+
+
+def _on_handle(call: Callable[[PathFS, str, int, Any], object]) -> Callable[..., Coroutine[object, object, None]]:
+    """The coroutine form of flush, fsync and fallocate: the path handler gets the open file's handle."""
+
+    async def called(self: PathFS, ctx: Context, ino: int, fh: int, *args: Any) -> None:
+        _task_context.set(ctx)
+        await _resolved(call(self, self._path(ino), self._handle(fh).fh, args))
+
+    return called
+
+
+async def _release(self: PathFS, ctx: Context, ino: int, fh: int, flags: int) -> None:
+    _task_context.set(ctx)
+    with self._lock:
+        h = self._handles.pop(fh, None)
+        node = self._nodes.get(ino)
+    if h is None:
+        return
+    release: Callable[[str, int], object] = self.fs.release
+    try:
+        await _resolved(release(node.path if node is not None else "", h.fh))
+    finally:
+        if h.fd >= 0:
+            os.close(h.fd)
+
+
+async def _opendir(self: PathFS, ctx: Context, ino: int, flags: int) -> Opened:
+    _task_context.set(ctx)
+    ufh = await _resolved(self.fs.opendir(self._path(ino)))
+    with self._lock:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = _Dir(ufh)
+    return Opened(fh=fh)
+
+
+async def _readdir(self: PathFS, ctx: Context, ino: int, fh: int, offset: int, listing: DirListing) -> None:
+    _task_context.set(ctx)
+    d = self._dirs.get(fh)
+    if d is None:
+        raise OSError(errno.EBADF, f"unknown directory handle {fh}")
+    if offset == 0 or d.entries is None:
+        items: object = self.fs.readdir(self._path(ino), d.fh)
+        if isinstance(items, AsyncIterable):
+            d.entries = [_dirent(item) async for item in items]
+        else:
+            d.entries = [_dirent(item) for item in await _resolved(cast(Iterable[DirEntry], items))]
+    self._list(ino, d.entries, offset, listing)
+
+
+async def _releasedir(self: PathFS, ctx: Context, ino: int, fh: int) -> None:
+    _task_context.set(ctx)
+    with self._lock:
+        d = self._dirs.pop(fh, None)
+        node = self._nodes.get(ino)
+    if d is not None:
+        releasedir: Callable[[str, int], object] = self.fs.releasedir
+        await _resolved(releasedir(node.path if node is not None else "", d.fh))
+
+
+async def _fsyncdir(self: PathFS, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
+    _task_context.set(ctx)
+    d = self._dirs.get(fh)
+    fsyncdir: Callable[[str, bool, int], object] = self.fs.fsyncdir
+    await _resolved(fsyncdir(self._path(ino), datasync, d.fh if d is not None else 0))
+
+
+async def _getxattr(self: PathFS, ctx: Context, ino: int, name: bytes) -> bytes:
+    _task_context.set(ctx)
+    return bytes(await _resolved(self.fs.getxattr(self._path(ino), name_str(name))))
+
+
+async def _setxattr(self: PathFS, ctx: Context, ino: int, name: bytes, value: bytes, flags: int) -> None:
+    _task_context.set(ctx)
+    setxattr: Callable[[str, str, bytes, int], object] = self.fs.setxattr
+    await _resolved(setxattr(self._path(ino), name_str(name), value, flags))
+
+
+async def _listxattr(self: PathFS, ctx: Context, ino: int) -> list[bytes]:
+    _task_context.set(ctx)
+    return [os.fsencode(n) for n in await _resolved(self.fs.listxattr(self._path(ino)))]
+
+
+async def _removexattr(self: PathFS, ctx: Context, ino: int, name: bytes) -> None:
+    _task_context.set(ctx)
+    removexattr: Callable[[str, str], object] = self.fs.removexattr
+    await _resolved(removexattr(self._path(ino), name_str(name)))
+
+
+_COROUTINE_FORMS: dict[str, Callable[..., Coroutine[object, object, object]]] = {
+    "lookup": _lookup, "getattr": _getattr, "setattr": _setattr, "readlink": _readlink, "access": _access,
+    "statfs": _statfs,
+    "mknod": _making(lambda self, path, a: self.fs.mknod(path, a[0], a[1])),
+    "mkdir": _making(lambda self, path, a: self.fs.mkdir(path, a[0])),
+    "symlink": _making(lambda self, path, a: self.fs.symlink(path, os.fsdecode(a[0]))),
+    "link": _link, "unlink": _removing(lambda self, path: self.fs.unlink(path)),
+    "rmdir": _removing(lambda self, path: self.fs.rmdir(path)), "rename": _rename,
+    "open": _open, "create": _create, "read": _read, "write": _write,
+    "flush": _on_handle(lambda self, path, ufh, a: self.fs.flush(path, ufh)),
+    "fsync": _on_handle(lambda self, path, ufh, a: self.fs.fsync(path, a[0], ufh)),
+    "fallocate": _on_handle(lambda self, path, ufh, a: self.fs.fallocate(path, a[2], a[0], a[1], ufh)),
+    "release": _release, "opendir": _opendir, "readdir": _readdir, "releasedir": _releasedir,
+    "fsyncdir": _fsyncdir, "getxattr": _getxattr, "setxattr": _setxattr, "listxattr": _listxattr,
+    "removexattr": _removexattr,
+}

@@ -76,6 +76,8 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                         help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
                              "on (fail if it cannot be had) or off (serve reads and writes from Python)")
+    parser.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                        help="for async def handlers: requests they may serve at once (default 4096)")
     parser.add_argument("--debug", action="store_true", help="trace every request and reply to standard error")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -109,7 +111,7 @@ def run_foreground(
     try:
         fs = make_fs(args)
         session = Session(fs, args.mountpoint, options, threads=args.threads, passthrough=args.passthrough,
-                          debug=args.debug)
+                          debug=args.debug, max_in_flight=args.max_in_flight)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: {describe(e)}", file=sys.stderr)
         return 1

@@ -4,12 +4,15 @@ Each worker owns one descriptor of the connection (the first one, or a clone) an
 reusable buffer for requests; it reads one request, hands it to the ``Dispatcher``, and
 writes the reply to the descriptor the request came from, so requests complete out of
 order across workers. Everything between the bytes read and the bytes written is the
-dispatcher's.
+dispatcher's. A filesystem with ``async def`` handlers also gets an event loop
+(``fusepass.aio``): the workers hand those requests to it, and it writes their replies to
+the descriptor they came from when they end.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -17,16 +20,22 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import abi
 from . import mount as mountmod
 from .backing import BackingRegistry
 from .device import Device
-from .dispatch import Dispatcher, Outcome, Scratch
+from .dispatch import PENDING, Dispatcher, Outcome, Scratch, coroutine_handlers
 from .negotiate import check_passthrough_mode
 from .notify import Notifier
 from .ops import ConnectionInfo, Operations
 from .stats import OpSummary, summarize
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .aio import InFlight, LoopRunner
 
 log = logging.getLogger("fusepass")
 
@@ -51,12 +60,17 @@ class Session:
     overlayfs or another FUSE mount.
     ``device``: serve a connection mounted elsewhere (an inherited descriptor, or a mount made
     by another program) instead of mounting; ``mountpoint`` then only names it.
+
+    For a filesystem with ``async def`` handlers: ``loop``, the asyncio loop to run them on, which
+    its owner runs (default: a private one on a thread of its own; see ``fusepass.aio.serve``);
+    ``max_in_flight``, how many requests they may serve at once (default
+    ``fusepass.aio.DEFAULT_MAX_IN_FLIGHT``): beyond it the workers stop reading, but for one.
     """
 
     def __init__(
         self, fs: Operations, mountpoint: str, options: mountmod.MountOptions | None = None, *,
         threads: int = DEFAULT_THREADS, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
-        device: Device | None = None,
+        device: Device | None = None, loop: asyncio.AbstractEventLoop | None = None, max_in_flight: int | None = None,
     ) -> None:
         self.passthrough_mode = check_passthrough_mode(passthrough)
         if not 1 <= max_stack_depth <= 2:
@@ -73,6 +87,14 @@ class Session:
         self.mount: mountmod.Mount | None = None
         self.connection_id: int | None = None
         self.registry = BackingRegistry(device)
+        self.runner: LoopRunner | None = None
+        self.in_flight: InFlight | None = None
+        if coroutine_handlers(fs):
+            from . import aio
+
+            limit = aio.DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight
+            self.in_flight = aio.InFlight(limit, threads)
+            self.runner = aio.LoopRunner(loop, self.in_flight)
         self.dispatcher = self._make_dispatcher()
         self.started = time.time()
         self._devices: list[Device] = []
@@ -84,14 +106,20 @@ class Session:
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False
+        self._descriptors_closed = False  # under _lock: late replies from the loop go nowhere then
 
     def _make_dispatcher(self) -> Dispatcher:
         return Dispatcher(
             self.fs, registry=self.registry, send_notification=self._send_notification,
             passthrough=self.passthrough_mode, may_pass_through=mountmod.has_cap_sys_admin(),
             max_stack_depth=self.max_stack_depth, on_initialized=self._initialized,
-            trace=(lambda line: log.debug("%s", line)) if self.debug else None,
+            trace=(lambda line: log.debug("%s", line)) if self.debug else None, runner=self.runner,
         )
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the async handlers on ``loop`` (which its owner runs); before ``start``."""
+        if self.runner is not None:
+            self.runner.use_loop(loop)
 
     # --- what INIT decided --------------------------------------------------------------
 
@@ -117,7 +145,7 @@ class Session:
         return self.registry.why_not
 
     def op_stats(self) -> dict[str, OpSummary]:
-        return summarize([s.stats for s in self._scratches])
+        return summarize([s.stats for s in self._scratches] + [self.dispatcher.runner_stats])
 
     @property
     def malformed_requests(self) -> int:
@@ -144,8 +172,12 @@ class Session:
         except OSError as e:
             log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(self._devices))
         self._alive = len(self._devices)
+        if self.in_flight is not None:
+            self.in_flight.workers = len(self._devices)
+        if self.runner is not None:
+            self.runner.open()
         for i, device in enumerate(self._devices):
-            scratch = Scratch()
+            scratch = Scratch(deliver=functools.partial(self._deliver_later, device.fd))
             self._scratches.append(scratch)
             t = threading.Thread(target=self._worker, args=(device.fd, scratch), name=f"fusepass-{i}", daemon=True)
             self._workers.append(t)
@@ -172,14 +204,21 @@ class Session:
         try:
             if on_ready is not None and self.wait_ready():
                 on_ready()
-            while not self._finished.wait(0.5):
-                pass
+            self.wait_finished()
         finally:
             for sig, handler in restore:
                 signal.signal(sig, handler)
             self.close()
         if self.failure:
             raise SessionError(self.failure)
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Wait until the workers have ended (the connection is gone); False on timeout."""
+        if timeout is not None:
+            return self._finished.wait(timeout)
+        while not self._finished.wait(0.5):  # short waits, so that signal handlers run meanwhile
+            pass
+        return True
 
     def stop(self) -> None:
         """Unmount (lazily if busy). Workers end once the kernel drops the connection."""
@@ -220,13 +259,17 @@ class Session:
                 mountmod.unmount(self.mountpoint, lazy=True, method=self.mount.method if self.mount else None)
             except OSError as e:
                 log.warning("unmount of %s: %s", self.mountpoint, e)
+        if self.runner is not None:
+            self.runner.close()  # its last replies (EINTR) reach a connection that is gone
         self.registry.close_all()
-        for device in self._devices or ([self.device] if self.device else []):
-            try:
-                device.close()
-            except OSError:
-                pass
-        self._devices = []
+        with self._lock:
+            self._descriptors_closed = True
+            for device in self._devices or ([self.device] if self.device else []):
+                try:
+                    device.close()
+                except OSError:
+                    pass
+            self._devices = []
         try:
             self.fs.destroy()
         except Exception:
@@ -267,11 +310,16 @@ class Session:
         inbuf = bytearray(REQUEST_BUFFER)
         inview = memoryview(inbuf)
         handle = self.dispatcher.handle
+        gate = self.in_flight  # None unless coroutines serve some requests
         try:
             while True:
+                if gate is not None:
+                    gate.before_read()
                 try:
                     n = os.readv(fd, [inbuf])
                 except OSError as e:
+                    if gate is not None:
+                        gate.after_read()
                     if e.errno in _RETRY_ERRNOS:
                         continue
                     if e.errno not in _END_ERRNOS:
@@ -280,8 +328,10 @@ class Session:
                 if n == 0:  # end of file: never from /dev/fuse, but from a socket standing in for it
                     return
                 outcome = handle(inview[:n], scratch)
-                if outcome is not None:
+                if outcome is not None and outcome is not PENDING:
                     deliver(fd, outcome)
+                if gate is not None:
+                    gate.after_read()
         finally:
             with self._lock:
                 self._alive -= 1
@@ -289,6 +339,15 @@ class Session:
             if last:
                 self._ready.set()
                 self._finished.set()
+
+    def _deliver_later(self, fd: int, outcome: Outcome) -> None:
+        """Deliver a reply a coroutine produced, unless the session has closed its descriptors
+        (their numbers may name other files by now)."""
+        with self._lock:
+            if not self._descriptors_closed:
+                deliver(fd, outcome)
+                return
+        outcome.undelivered()
 
     def _send_notification(self, message: bytes) -> None:
         if not self._devices:

@@ -11,8 +11,8 @@ import pytest
 mypy_api = pytest.importorskip("mypy.api")
 
 REPO = Path(__file__).resolve().parent.parent
-GETATTR = "return P.attr_body(self.fs.getattr(ctx, r.header.nodeid, r.fh), self.fs.attr_timeout)"
-LOOKUP_ROUTE = "((O.LOOKUP,), _route(p.parse_lookup, self._lookup)"
+GETATTR = "return self.fs.getattr(ctx, r.header.nodeid, r.fh)"
+LOOKUP_ROUTE = "((O.LOOKUP,), _route(p.parse_lookup, self._lookup, self._entry_body)"
 READ_PARSE = "return Read(h, fh, offset, self._bounded(size, self.max_reply, \"size\", h), read_flags, owner, flags)"
 
 

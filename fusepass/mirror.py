@@ -293,9 +293,10 @@ class Mirror(Operations):
     def _release_fd(self, inode: Inode) -> None:
         with self._lock:
             inode.busy -= 1
-            if inode.busy == 0 and inode.fd >= 0 and self._inodes.get(inode.nodeid) is not inode:
-                os.close(inode.fd)  # forgotten while in use
-                inode.fd = -1
+            if inode.busy or inode.fd < 0 or self._inodes.get(inode.nodeid) is inode:
+                return
+            fd, inode.fd = inode.fd, -1  # forgotten while in use
+        os.close(fd)
 
     def _evict(self) -> None:
         """Close the least recently used idle descriptors beyond the cap (lock held)."""
@@ -474,6 +475,7 @@ class Mirror(Operations):
 
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         unwatch: list[Inode] = []
+        closing: list[int] = []  # closed after the lock: the last close of an unlinked file frees it, slowly
         with self._lock:
             for nodeid, n in items:
                 inode = self._inodes.get(nodeid)
@@ -491,8 +493,10 @@ class Mirror(Operations):
                         inode.busy += 1  # its descriptor names it until the mark is gone
                         unwatch.append(inode)
                     elif inode.fd >= 0 and inode.busy == 0:
-                        os.close(inode.fd)
+                        closing.append(inode.fd)
                         inode.fd = -1
+        for fd in closing:
+            os.close(fd)
         for inode in unwatch:
             self._forget_directory(inode)
 

@@ -24,21 +24,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fusepass import Attr, Context
 from fusepass.session import Session
 
 from . import environment as envmod
-from .request_cost import Cheap
+from .request_cost import Cheap, CheapAsync
 from .targets import Peer
 
 PYFUSE3_SLOW_SOURCE = envmod.BENCH_DIR / "peers" / "pyfuse3_slow_source.py"
-
-
-class CheapAsync(Cheap):
-    """``Cheap`` with a coroutine getattr that never awaits anything: only the loop's price."""
-
-    async def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:  # type: ignore[override]
-        return Cheap.getattr(self, ctx, ino, fh)
 
 
 def getattr_rate(fs: Cheap, clients: int, seconds: float) -> float:

@@ -51,8 +51,9 @@ class BackingRegistry:
             why_not = "no /dev/fuse device to register backing files on"
         self.why_not = why_not
 
-    def acquire(self, ino: int, fd: int | None) -> tuple[int, str | None]:
-        """Account one open of ``ino``; return (backing id or 0, reason it is served)."""
+    def acquire(self, ino: int, fd: int | None, why_no_fd: str | None = None) -> tuple[int, str | None]:
+        """Account one open of ``ino`` (``why_no_fd``: the filesystem's reason for offering no
+        descriptor); return (backing id or 0, reason it is served)."""
         with self._lock:
             st = self._inodes.get(ino)
             if st is None:
@@ -66,7 +67,7 @@ class BackingRegistry:
             elif st.served_because:
                 reason = st.served_because
             elif fd is None:
-                reason = "the filesystem gave no backing file"
+                reason = why_no_fd or "the filesystem gave no backing file"
             else:
                 try:
                     st.backing = self.device.backing_open(fd)

@@ -575,7 +575,7 @@ class Dispatcher:
         fh = opened.fh
         backing_id = 0
         if regular:
-            backing_id, _ = self.registry.acquire(ino, opened.backing_fd)
+            backing_id, _ = self.registry.acquire(ino, opened.backing_fd, opened.served_because)
             if backing_id:
                 flags = (flags & abi.FOPEN_PASSTHROUGH_COMPATIBLE) | abi.FopenFlag.PASSTHROUGH
 

@@ -653,7 +653,9 @@ class Mirror(Operations):
                 inode.openers = (ctx.pid, *inode.openers[:3])
         # Watched, a served file's cached pages stay true across opens (the watcher drops them when
         # the source changes); passthrough has no pages of its own to keep.
-        return Opened(fh=fd, backing_fd=None if serve else fd, keep_cache=self.watcher is not None)
+        return Opened(fh=fd, backing_fd=None if serve else fd, keep_cache=self.watcher is not None,
+                      served_because="set-user-ID or set-group-ID file (its writes must reach the server)"
+                      if serve else None)
 
     def open(self, ctx: Context, ino: int, flags: int) -> Opened:
         self.check_open(ctx, ino, flags)

@@ -140,6 +140,9 @@ class Opened:
     ``nonseekable``, ``cache_dir`` (for OPENDIR: let the kernel cache the listing),
     ``noflush`` (no FLUSH at close), ``parallel_direct_writes``. Passthrough ignores the ones
     that concern the page cache.
+
+    ``served_because``: with no ``backing_fd``, why this open is served, in words for
+    ``fusepass status`` (default: "the filesystem gave no backing file").
     """
 
     fh: int = 0
@@ -150,6 +153,7 @@ class Opened:
     cache_dir: bool = False
     noflush: bool = False
     parallel_direct_writes: bool = False
+    served_because: str | None = None
 
     def fopen_flags(self) -> int:
         f = abi.FopenFlag

@@ -269,3 +269,10 @@ def test_a_forget_drops_the_sticky_reason_of_the_forgotten_inode(fake: FakeDevic
     assert k.send(msg) == []
     assert reg.served_reason(7) is None
     assert reg.served_reason(8) is not None, "only the forgotten inode"
+
+
+def test_the_filesystems_reason_for_offering_no_descriptor_is_the_one_counted(fake: FakeDevice) -> None:
+    reg = BackingRegistry(fake, None)
+    assert reg.acquire(7, fd=None, why_no_fd="set-user-ID file") == (0, "set-user-ID file")
+    assert reg.acquire(8, fd=None) == (0, "the filesystem gave no backing file")
+    assert reg.served_opens == {"set-user-ID file": 1, "the filesystem gave no backing file": 1}

@@ -1192,3 +1192,14 @@ def test_statx_through_the_mount_reports_the_source_birth_time(mirror: ServerPro
     native = btime(src)
     assert native[0], "the source filesystem has no birth time"
     assert btime(Path(mirror.mountpoint) / "born") == native
+
+
+def test_a_set_user_id_file_is_served_and_status_says_why(mounted: Mirrored) -> None:
+    """Its writes must reach the server, which clears the bit for writers without CAP_FSETID."""
+    make_file(mounted.src / "suid", b"x", 0o4755)
+    make_file(mounted.src / "plain", b"x", 0o755)
+    for name in ("suid", "plain"):
+        with open(mounted.mnt / name, "rb") as f:
+            assert f.read() == b"x"
+    reasons = control.query(str(mounted.server.mountpoint))["passthrough"]["served_reasons"]
+    assert reasons == {"set-user-ID or set-group-ID file (its writes must reach the server)": 1}

@@ -1,10 +1,12 @@
 """ctypes wrappers for the Linux calls Python's ``os`` module lacks: mount and umount2, ioctls that
 return a value, renameat2, file handles, fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on
-O_PATH descriptors, statx, fstatfs, fanotify. Every ctypes handle of the package lives here."""
+O_PATH descriptors, statx, fstatfs, fanotify, io_uring_setup and io_uring_enter. Every ctypes handle of the
+package lives here."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -149,3 +151,30 @@ def fanotify_init(flags: int, event_f_flags: int) -> int:
 def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: bytes | None) -> None:
     """Add, change or remove the mark of ``path`` (relative to ``dirfd``) in an fanotify group."""
     _check(_libc.fanotify_mark(group_fd, flags, mask, dirfd, path), "fanotify_mark", path)
+
+
+_libc.syscall.restype = ctypes.c_long
+_NR_IO_URING_SETUP = 425  # x86-64 and every architecture with the generic syscall table
+_NR_IO_URING_ENTER = 426
+
+
+def io_uring_setup(entries: int, params: bytearray) -> int:
+    """io_uring_setup(2): a new ring's descriptor; ``params`` (a ``struct io_uring_params``) is read
+    and filled in by the kernel."""
+    holder = (ctypes.c_char * len(params)).from_buffer(params)
+    ret = _libc.syscall(ctypes.c_long(_NR_IO_URING_SETUP), ctypes.c_uint(entries), ctypes.byref(holder))
+    return _check(int(ret), "io_uring_setup")
+
+
+def io_uring_enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+    """io_uring_enter(2) without a signal mask: how many submissions the kernel took. The GIL is
+    released while it waits."""
+    ret = _libc.syscall(ctypes.c_long(_NR_IO_URING_ENTER), ctypes.c_int(fd), ctypes.c_uint(to_submit),
+                        ctypes.c_uint(min_complete), ctypes.c_uint(flags), ctypes.c_void_p(None), ctypes.c_size_t(0))
+    return _check(int(ret), "io_uring_enter")
+
+
+def buffer_address(buf: bytearray | mmap.mmap) -> int:
+    """The address of a writable buffer's first byte, for the kernel to read or write later. It stays
+    valid while ``buf`` is open and not resized (an mmap never is)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -1,0 +1,136 @@
+"""One io_uring, from the standard library: set up, the rings mapped, SQEs written and CQEs reaped.
+
+The ring has 128-byte SQEs (IORING_OP_URING_CMD carries its 80-byte command there) and is
+made with SINGLE_ISSUER and DEFER_TASKRUN, so it belongs to the thread that made it: only
+that thread may submit, and the kernel posts completions only while that thread waits in
+``io_uring_enter``. Hence no other thread ever touches the mapped rings while Python reads
+or writes them, and no memory barrier beyond the system call is needed, on any architecture.
+NO_SQARRAY (Linux 6.6) lets an SQE's slot be the tail itself, without the index array.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+
+from . import syscalls
+
+SETUP_SQE128 = 1 << 10
+SETUP_SINGLE_ISSUER = 1 << 12
+SETUP_DEFER_TASKRUN = 1 << 13
+SETUP_NO_SQARRAY = 1 << 16
+ENTER_GETEVENTS = 1 << 0
+FEAT_SINGLE_MMAP = 1 << 0
+OP_URING_CMD = 46
+SQE_SIZE = 128
+CQE_SIZE = 16
+CMD_OFFSET = 48  # where an URING_CMD's command area starts in the SQE (80 bytes with SQE128)
+CMD_SIZE = 80
+_OFF_SQ_RING = 0
+_OFF_SQES = 0x10000000
+_FLAGS = SETUP_SQE128 | SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN | SETUP_NO_SQARRAY
+
+#: struct io_uring_params: sq_entries cq_entries flags sq_thread_cpu sq_thread_idle features wq_fd
+#: resv[3], then io_sqring_offsets and io_cqring_offsets (eight u32 and a u64 each).
+_PARAMS = struct.Struct("<IIIIIII12x8IQ8IQ")
+#: The fixed part of an SQE: opcode flags ioprio fd, cmd_op __pad1, addr, len uring_cmd_flags,
+#: user_data, buf_index personality file_index.
+_SQE_HEAD = struct.Struct("<BBHiIIQIIQHHi")
+_CQE = struct.Struct("<QiI")
+_U32 = struct.Struct("<I")
+
+
+class Ring:
+    """An io_uring for commands of ``IORING_OP_URING_CMD``, used from the thread that made it.
+
+    ``push`` writes an SQE, ``enter`` submits what was pushed and waits for completions, and
+    ``reap`` yields ``(user_data, res)`` of each completion posted. ``close`` unmaps the rings
+    and closes the descriptor; the kernel then cancels whatever is still in flight.
+    """
+
+    def __init__(self, entries: int) -> None:
+        params = bytearray(_PARAMS.size)
+        _PARAMS.pack_into(params, 0, 0, 0, _FLAGS, 0, 0, 0, 0, *([0] * 8), 0, *([0] * 8), 0)
+        self.fd = syscalls.io_uring_setup(entries, params)
+        self._rings: mmap.mmap | None = None
+        self._sqes: mmap.mmap | None = None
+        try:
+            f = _PARAMS.unpack_from(params)
+            sq_entries, cq_entries, features = f[0], f[1], f[5]
+            sq_off, cq_off = f[7:16], f[16:25]
+            if not features & FEAT_SINGLE_MMAP:
+                raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring maps its rings separately (before 5.4)")
+            size = cq_off[5] + cq_entries * CQE_SIZE
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+            self._rings = mmap.mmap(self.fd, size, flags, prot, offset=_OFF_SQ_RING)
+            self._sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, flags, prot, offset=_OFF_SQES)
+        except BaseException:
+            self.close()
+            raise
+        self.sq_entries = sq_entries
+        self._sq_tail_at = sq_off[1]
+        self._sq_mask = _U32.unpack_from(self._rings, sq_off[2])[0]
+        self._cq_head_at, self._cq_tail_at = cq_off[0], cq_off[1]
+        self._cq_mask = _U32.unpack_from(self._rings, cq_off[2])[0]
+        self._cqes_at = cq_off[5]
+        self._sq_tail = _U32.unpack_from(self._rings, self._sq_tail_at)[0]
+        self._cq_head = _U32.unpack_from(self._rings, self._cq_head_at)[0]
+        self._unsubmitted = 0
+
+    def push(self, fd: int, cmd_op: int, addr: int, length: int, user_data: int, cmd: bytes) -> None:
+        """Queue an URING_CMD SQE on ``fd`` (submitted by the next ``enter``). Raises BufferError
+        if every slot is already queued."""
+        sqes = self._sqes
+        assert sqes is not None, "the ring is closed"
+        if self._unsubmitted >= self.sq_entries:
+            raise BufferError("the submission queue is full")
+        at = (self._sq_tail & self._sq_mask) * SQE_SIZE
+        _SQE_HEAD.pack_into(sqes, at, OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data, 0, 0, 0)
+        sqes[at + CMD_OFFSET:at + CMD_OFFSET + CMD_SIZE] = cmd.ljust(CMD_SIZE, b"\0")
+        self._sq_tail = (self._sq_tail + 1) & 0xFFFFFFFF
+        self._unsubmitted += 1
+
+    def enter(self, wait: int) -> None:
+        """Submit what was pushed and wait until at least ``wait`` completions are posted (0: do not
+        wait). A signal only restarts the wait."""
+        rings = self._rings
+        assert rings is not None, "the ring is closed"
+        _U32.pack_into(rings, self._sq_tail_at, self._sq_tail)
+        while True:
+            try:
+                taken = syscalls.io_uring_enter(self.fd, self._unsubmitted, wait, ENTER_GETEVENTS)
+            except InterruptedError:
+                continue
+            self._unsubmitted -= taken
+            if not self._unsubmitted:
+                return
+
+    def reap(self) -> Iterator[tuple[int, int]]:
+        """The ``(user_data, res)`` of each completion posted since the last call, oldest first."""
+        rings = self._rings
+        assert rings is not None, "the ring is closed"
+        tail = _U32.unpack_from(rings, self._cq_tail_at)[0]
+        while self._cq_head != tail:
+            user_data, res, _ = _CQE.unpack_from(rings, self._cqes_at + (self._cq_head & self._cq_mask) * CQE_SIZE)
+            self._cq_head = (self._cq_head + 1) & 0xFFFFFFFF
+            _U32.pack_into(rings, self._cq_head_at, self._cq_head)
+            yield user_data, res
+
+    def close(self) -> None:
+        for m in (self._sqes, self._rings):
+            if m is not None:
+                m.close()
+        self._sqes = self._rings = None
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

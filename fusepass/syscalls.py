@@ -174,6 +174,33 @@ def io_uring_enter(fd: int, to_submit: int, min_complete: int, flags: int) -> in
     return _check(int(ret), "io_uring_enter")
 
 
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class SharedMapping:
+    """mmap(2) of a descriptor's memory (MAP_SHARED | MAP_POPULATE), as ``view``. Unlike the ``mmap``
+    module, it keeps no duplicate of the descriptor, so closing the descriptor and the mapping
+    releases the object. ``close`` releases the view first: using it afterwards raises ValueError."""
+
+    def __init__(self, fd: int, length: int, offset: int) -> None:
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                          fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap: {os.strerror(err)}")
+        self._addr, self._length = addr, length
+        self.view: memoryview | None = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+            _libc.munmap(self._addr, self._length)
+
+
 def buffer_address(buf: bytearray | mmap.mmap) -> int:
     """The address of a writable buffer's first byte, for the kernel to read or write later. It stays
     valid while ``buf`` is open and not resized (an mmap never is)."""

@@ -11,7 +11,6 @@ NO_SQARRAY (Linux 6.6) lets an SQE's slot be the tail itself, without the index 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -55,8 +54,7 @@ class Ring:
         params = bytearray(_PARAMS.size)
         _PARAMS.pack_into(params, 0, 0, 0, _FLAGS, 0, 0, 0, 0, *([0] * 8), 0, *([0] * 8), 0)
         self.fd = syscalls.io_uring_setup(entries, params)
-        self._rings: mmap.mmap | None = None
-        self._sqes: mmap.mmap | None = None
+        self._maps: list[syscalls.SharedMapping] = []
         try:
             f = _PARAMS.unpack_from(params)
             sq_entries, cq_entries, features = f[0], f[1], f[5]
@@ -64,28 +62,31 @@ class Ring:
             if not features & FEAT_SINGLE_MMAP:
                 raise OSError(errno.EOPNOTSUPP, "this kernel's io_uring maps its rings separately (before 5.4)")
             size = cq_off[5] + cq_entries * CQE_SIZE
-            prot = mmap.PROT_READ | mmap.PROT_WRITE
-            flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-            self._rings = mmap.mmap(self.fd, size, flags, prot, offset=_OFF_SQ_RING)
-            self._sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, flags, prot, offset=_OFF_SQES)
+            self._maps.append(syscalls.SharedMapping(self.fd, size, _OFF_SQ_RING))
+            self._maps.append(syscalls.SharedMapping(self.fd, sq_entries * SQE_SIZE, _OFF_SQES))
         except BaseException:
             self.close()
             raise
+        rings = self._maps[0].view
+        assert rings is not None
+        self._rings: memoryview | None = rings
+        self._sqes: memoryview | None = self._maps[1].view
         self.sq_entries = sq_entries
         self._sq_tail_at = sq_off[1]
-        self._sq_mask = _U32.unpack_from(self._rings, sq_off[2])[0]
+        self._sq_mask = _U32.unpack_from(rings, sq_off[2])[0]
         self._cq_head_at, self._cq_tail_at = cq_off[0], cq_off[1]
-        self._cq_mask = _U32.unpack_from(self._rings, cq_off[2])[0]
+        self._cq_mask = _U32.unpack_from(rings, cq_off[2])[0]
         self._cqes_at = cq_off[5]
-        self._sq_tail = _U32.unpack_from(self._rings, self._sq_tail_at)[0]
-        self._cq_head = _U32.unpack_from(self._rings, self._cq_head_at)[0]
+        self._sq_tail = _U32.unpack_from(rings, self._sq_tail_at)[0]
+        self._cq_head = _U32.unpack_from(rings, self._cq_head_at)[0]
         self._unsubmitted = 0
 
     def push(self, fd: int, cmd_op: int, addr: int, length: int, user_data: int, cmd: bytes) -> None:
         """Queue an URING_CMD SQE on ``fd`` (submitted by the next ``enter``). Raises BufferError
         if every slot is already queued."""
         sqes = self._sqes
-        assert sqes is not None, "the ring is closed"
+        if sqes is None:
+            raise ValueError("the ring is closed")
         if self._unsubmitted >= self.sq_entries:
             raise BufferError("the submission queue is full")
         at = (self._sq_tail & self._sq_mask) * SQE_SIZE
@@ -98,7 +99,8 @@ class Ring:
         """Submit what was pushed and wait until at least ``wait`` completions are posted (0: do not
         wait). A signal only restarts the wait."""
         rings = self._rings
-        assert rings is not None, "the ring is closed"
+        if rings is None:
+            raise ValueError("the ring is closed")
         _U32.pack_into(rings, self._sq_tail_at, self._sq_tail)
         while True:
             try:
@@ -112,7 +114,8 @@ class Ring:
     def reap(self) -> Iterator[tuple[int, int]]:
         """The ``(user_data, res)`` of each completion posted since the last call, oldest first."""
         rings = self._rings
-        assert rings is not None, "the ring is closed"
+        if rings is None:
+            raise ValueError("the ring is closed")
         tail = _U32.unpack_from(rings, self._cq_tail_at)[0]
         while self._cq_head != tail:
             user_data, res, _ = _CQE.unpack_from(rings, self._cqes_at + (self._cq_head & self._cq_mask) * CQE_SIZE)
@@ -121,10 +124,10 @@ class Ring:
             yield user_data, res
 
     def close(self) -> None:
-        for m in (self._sqes, self._rings):
-            if m is not None:
-                m.close()
         self._sqes = self._rings = None
+        for m in self._maps:
+            m.close()
+        self._maps = []
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)

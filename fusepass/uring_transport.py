@@ -222,6 +222,7 @@ class _Entry:
         self._late: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._ended = False
+        self.buffer: mmap.mmap | None = None  # the header and payload buffers, while the thread runs
         self.thread = threading.Thread(target=self._run, name=f"fusepass-uring-{qid}.{index}", daemon=True)
 
     def _run(self) -> None:
@@ -230,7 +231,7 @@ class _Entry:
         try:
             try:
                 ring = Ring(2)
-                buf = mmap.mmap(-1, PAYLOAD_AT + PAYLOAD_SIZE)
+                buf = self.buffer = mmap.mmap(-1, PAYLOAD_AT + PAYLOAD_SIZE)
             except OSError as e:
                 self.setup_error = e
                 return

@@ -31,7 +31,7 @@ from .negotiate import check_passthrough_mode
 from .notify import Notifier
 from .ops import ConnectionInfo, Operations
 from .stats import OpSummary, summarize
-from .uring_transport import DEFAULT_DEPTH, UringTransport, refused_reason, unavailable_reason
+from .uring_transport import UringTransport, refused_reason, unavailable_reason
 
 if TYPE_CHECKING:
     import asyncio
@@ -72,22 +72,23 @@ class Session:
     ``io_uring``: take requests through FUSE over io_uring (``fusepass.uring_transport``) where the
     kernel and the process allow it, else through /dev/fuse, with the reason in
     ``io_uring_why_not`` (default: on if the environment variable FUSEPASS_IO_URING is 1).
-    ``io_uring_depth``: ring entries per queue, each with its own thread. INIT, FORGET, INTERRUPT
-    and notifications use /dev/fuse in any case (one worker there while the ring serves).
+    ``io_uring_depth``: ring entries per queue (default: 2, each with its own thread; for ``async def``
+    handlers 1024 on one thread per queue, at most ``max_in_flight``). INIT, FORGET, INTERRUPT and
+    notifications use /dev/fuse in any case (one worker there while the ring serves).
     """
 
     def __init__(
         self, fs: Operations, mountpoint: str, options: mountmod.MountOptions | None = None, *,
         threads: int = DEFAULT_THREADS, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
         device: Device | None = None, loop: asyncio.AbstractEventLoop | None = None, max_in_flight: int | None = None,
-        io_uring: bool | None = None, io_uring_depth: int = DEFAULT_DEPTH,
+        io_uring: bool | None = None, io_uring_depth: int | None = None,
     ) -> None:
         self.passthrough_mode = check_passthrough_mode(passthrough)
         if not 1 <= max_stack_depth <= 2:
             raise ValueError("max_stack_depth must be 1 or 2")
         if threads < 1:
             raise ValueError("threads must be at least 1")
-        if io_uring_depth < 1:
+        if io_uring_depth is not None and io_uring_depth < 1:
             raise ValueError("io_uring_depth must be at least 1")
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint)
@@ -171,7 +172,7 @@ class Session:
 
     @property
     def worker_count(self) -> int:
-        ring = self.uring.entries if self.uring is not None and self.over_io_uring else []
+        ring = self.uring.workers if self.uring is not None and self.over_io_uring else []
         return len(self._devices) + len(ring)
 
     @property
@@ -238,7 +239,8 @@ class Session:
         """Make the ring entries before INIT, so that INIT asks for io_uring only if they exist."""
         reason = unavailable_reason()
         if reason is None:
-            transport = UringTransport(self.dispatcher, device.fd, self.io_uring_depth, self._uring_fallback)
+            transport = UringTransport(self.dispatcher, device.fd, self.io_uring_depth, self._uring_fallback,
+                                       max_in_flight=self.in_flight.limit if self.in_flight is not None else None)
             reason = transport.prepare()
             if reason is None:
                 self.uring = transport

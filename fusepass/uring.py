@@ -43,7 +43,7 @@ _U32 = struct.Struct("<I")
 
 
 class Ring:
-    """An io_uring for commands of ``IORING_OP_URING_CMD``, used from the thread that made it.
+    """An io_uring for ``IORING_OP_URING_CMD`` commands (and plain reads), used from the thread that made it.
 
     ``push`` writes an SQE, ``enter`` submits what was pushed and waits for completions, and
     ``reap`` yields ``(user_data, res)`` of each completion posted. ``close`` unmaps the rings
@@ -81,16 +81,17 @@ class Ring:
         self._cq_head = _U32.unpack_from(rings, self._cq_head_at)[0]
         self._unsubmitted = 0
 
-    def push(self, fd: int, cmd_op: int, addr: int, length: int, user_data: int, cmd: bytes) -> None:
-        """Queue an URING_CMD SQE on ``fd`` (submitted by the next ``enter``). Raises BufferError
-        if every slot is already queued."""
+    def push(self, opcode: int, fd: int, cmd_op: int, addr: int, length: int, user_data: int, cmd: bytes) -> None:
+        """Queue an SQE on ``fd`` (submitted by the next ``enter``): ``cmd_op`` and ``cmd`` for
+        OP_URING_CMD, ``addr`` and ``length`` a buffer or an iovec array. Raises BufferError if
+        every slot is already queued."""
         sqes = self._sqes
         if sqes is None:
             raise ValueError("the ring is closed")
         if self._unsubmitted >= self.sq_entries:
             raise BufferError("the submission queue is full")
         at = (self._sq_tail & self._sq_mask) * SQE_SIZE
-        _SQE_HEAD.pack_into(sqes, at, OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data, 0, 0, 0)
+        _SQE_HEAD.pack_into(sqes, at, opcode, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data, 0, 0, 0)
         sqes[at + CMD_OFFSET:at + CMD_OFFSET + CMD_SIZE] = cmd.ljust(CMD_SIZE, b"\0")
         self._sq_tail = (self._sq_tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1

@@ -13,7 +13,7 @@ from fakekernel import ALL_6_18, FakeKernel, init_body
 
 from fusepass import abi, uring_transport
 from fusepass.ops import Operations
-from fusepass.uring import Ring
+from fusepass.uring import OP_URING_CMD, Ring
 from fusepass.uring_transport import UringOptions, take_options
 
 pytestmark = pytest.mark.timeout(30)
@@ -29,7 +29,7 @@ def test_a_uring_cmd_on_a_file_without_one_completes_with_eopnotsupp_and_its_use
     fd = os.open(path, os.O_RDONLY)
     try:
         with Ring(2) as ring:
-            ring.push(fd, 1, 0, 0, 0xDEADBEEF, b"")
+            ring.push(OP_URING_CMD, fd, 1, 0, 0, 0xDEADBEEF, b"")
             ring.enter(1)
             assert list(ring.reap()) == [(0xDEADBEEF, -errno.EOPNOTSUPP)]
             assert list(ring.reap()) == []
@@ -40,9 +40,9 @@ def test_a_uring_cmd_on_a_file_without_one_completes_with_eopnotsupp_and_its_use
 def test_a_full_submission_queue_refuses_another_sqe() -> None:
     with Ring(1) as ring:
         for _ in range(ring.sq_entries):
-            ring.push(-1, 1, 0, 0, 0, b"")
+            ring.push(OP_URING_CMD, -1, 1, 0, 0, 0, b"")
         with pytest.raises(BufferError):
-            ring.push(-1, 1, 0, 0, 0, b"")
+            ring.push(OP_URING_CMD, -1, 1, 0, 0, 0, b"")
 
 
 def test_closing_a_ring_releases_its_descriptor_and_mappings() -> None:
@@ -57,7 +57,7 @@ def test_closing_a_ring_releases_its_descriptor_and_mappings() -> None:
 def test_options_are_taken_out_of_the_mount_options() -> None:
     assert take_options(["ro", "io_uring", "io_uring_depth=4", "timeout=3"]) == (
         UringOptions(True, 4), ["ro", "timeout=3"])
-    assert take_options(["noio_uring"])[0] == UringOptions(False, uring_transport.DEFAULT_DEPTH)
+    assert take_options(["noio_uring"])[0] == UringOptions(False, None)
     assert take_options([])[0].enabled is None  # the session's default decides
     for bad in ("io_uring_depth=0", "io_uring_depth=x", f"io_uring_depth={uring_transport.MAX_DEPTH + 1}"):
         with pytest.raises(ValueError, match="io_uring_depth"):

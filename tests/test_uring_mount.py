@@ -149,7 +149,7 @@ def test_closing_an_in_process_session_leaves_no_ring_thread_or_mapping(enable_u
         assert ring_descriptors(os.getpid()) == 2 * QUEUES
         assert sum(t.name.startswith("fusepass-uring") for t in threading.enumerate()) == 2 * QUEUES
         assert session.uring is not None
-        entries = session.uring.entries
+        entries = session.uring.workers
         assert all(e.buffer is not None and not e.buffer.closed for e in entries)
     finally:
         session.close()

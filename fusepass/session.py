@@ -187,6 +187,7 @@ class Session:
             "kind": "io_uring" if ring is not None else "/dev/fuse",
             "io_uring_requested": self.io_uring_requested,
             "io_uring_why_not": self.io_uring_why_not,
+            "threads": 0 if ring is None else len(ring.workers),
             "queues": [] if ring is None else [
                 {"qid": qid, "entries": ring.depth, "requests": n} for qid, n in enumerate(ring.queue_counts())
             ],
@@ -209,7 +210,7 @@ class Session:
             self.runner.open()
         # With a ring ready, one /dev/fuse worker takes INIT, FORGET and INTERRUPT; the rest
         # only if the ring is not granted after all.
-        self._start_workers([self.device], 1 if self.uring is not None else self.threads - 1)
+        self._start_workers([self.device], 0 if self.uring is not None else self.threads - 1)
 
     def _start_workers(self, devices: list[Device], clones: int) -> None:
         """Start a worker for each of ``devices`` and for ``clones`` clones of the first device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import select
@@ -61,6 +62,19 @@ def _suite_over_io_uring() -> Iterator[None]:
             os.environ.pop("FUSEPASS_IO_URING", None)
         else:
             os.environ["FUSEPASS_IO_URING"] = saved
+
+
+def expected_threads(status: dict[str, Any], dev_fuse_workers: int) -> int:
+    """The threads a status document counts: the /dev/fuse workers asked for, or over io_uring
+    the one /dev/fuse worker and the ring's threads."""
+    transport = status["transport"]
+    return dev_fuse_workers if transport["kind"] == "/dev/fuse" else 1 + transport["threads"]
+
+
+#: What a caller gets from the mount of a killed server: ENOTCONN; over io_uring ECONNABORTED too, for
+#: a request queued while the dead process's rings still held its /dev/fuse file (the kernel cancels
+#: their commands after the process has gone).
+DEAD_SERVER_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED) if TEST_IO_URING else (errno.ENOTCONN,)
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def _setup_reason(e: OSError) -> str:
         return "this kernel has no io_uring"
     if e.errno == errno.EINVAL:
         return "this kernel's io_uring lacks 128-byte SQEs, SINGLE_ISSUER, DEFER_TASKRUN or NO_SQARRAY"
-    return f"io_uring_setup failed: {e.strerror}"
+    return f"the rings could not be set up: {e.strerror}"
 
 
 class UringTransport:
@@ -306,7 +306,10 @@ class _Worker:
             finally:
                 self.transport._prepared.release()
             if self.transport._wait_go():
-                self._serve(ring, buf)
+                try:
+                    self._serve(ring, buf)
+                except OSError as e:  # io_uring_enter itself failed: this thread's entries are lost
+                    log.error("FUSE over io_uring: queue %d: %s", self.qid, e)
         finally:
             with self._lock:
                 self._ended = True

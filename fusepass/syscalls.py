@@ -166,12 +166,22 @@ def io_uring_setup(entries: int, params: bytearray) -> int:
     return _check(int(ret), "io_uring_setup")
 
 
+# A handle of syscall(2) of its own with fixed argument types, so that a call converts plain ints
+# without building ctypes objects (this runs once per request). glibc's syscall() only moves
+# registers, so declaring the variadic arguments is safe.
+_enter = ctypes.CDLL(None, use_errno=True).syscall
+_enter.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p,
+                   ctypes.c_size_t]
+_enter.restype = ctypes.c_long
+
+
 def io_uring_enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
     """io_uring_enter(2) without a signal mask: how many submissions the kernel took. The GIL is
     released while it waits."""
-    ret = _libc.syscall(ctypes.c_long(_NR_IO_URING_ENTER), ctypes.c_int(fd), ctypes.c_uint(to_submit),
-                        ctypes.c_uint(min_complete), ctypes.c_uint(flags), ctypes.c_void_p(None), ctypes.c_size_t(0))
-    return _check(int(ret), "io_uring_enter")
+    ret = _enter(_NR_IO_URING_ENTER, fd, to_submit, min_complete, flags, None, 0)
+    if ret < 0:
+        return _check(ret, "io_uring_enter")
+    return int(ret)
 
 
 _libc.mmap.restype = ctypes.c_void_p

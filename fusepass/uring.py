@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Iterator
 
 from . import syscalls
 
@@ -26,8 +25,7 @@ FEAT_SINGLE_MMAP = 1 << 0
 OP_URING_CMD = 46
 SQE_SIZE = 128
 CQE_SIZE = 16
-CMD_OFFSET = 48  # where an URING_CMD's command area starts in the SQE (80 bytes with SQE128)
-CMD_SIZE = 80
+CMD_SIZE = 80  # an URING_CMD's command area, after the SQE's first 48 bytes (SQE128 makes room)
 _OFF_SQ_RING = 0
 _OFF_SQES = 0x10000000
 _FLAGS = SETUP_SQE128 | SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN | SETUP_NO_SQARRAY
@@ -36,8 +34,9 @@ _FLAGS = SETUP_SQE128 | SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN | SETUP_NO_SQA
 #: resv[3], then io_sqring_offsets and io_cqring_offsets (eight u32 and a u64 each).
 _PARAMS = struct.Struct("<IIIIIII12x8IQ8IQ")
 #: The fixed part of an SQE: opcode flags ioprio fd, cmd_op __pad1, addr, len uring_cmd_flags,
-#: user_data, buf_index personality file_index.
-_SQE_HEAD = struct.Struct("<BBHiIIQIIQHHi")
+#: user_data, buf_index personality file_index; then the 80-byte command area, zero here.
+SQE_HEAD_FORMAT = "<BBHiIIQIIQHHi"
+_SQE = struct.Struct(SQE_HEAD_FORMAT + f"{CMD_SIZE}x")
 _CQE = struct.Struct("<QiI")
 _U32 = struct.Struct("<I")
 
@@ -45,8 +44,8 @@ _U32 = struct.Struct("<I")
 class Ring:
     """An io_uring for ``IORING_OP_URING_CMD`` commands (and plain reads), used from the thread that made it.
 
-    ``push`` writes an SQE, ``enter`` submits what was pushed and waits for completions, and
-    ``reap`` yields ``(user_data, res)`` of each completion posted. ``close`` unmaps the rings
+    ``push`` (or ``push_packed``) writes an SQE, ``enter`` submits what was pushed and waits for
+    completions, and ``reap`` gives ``(user_data, res)`` of each completion posted. ``close`` unmaps the rings
     and closes the descriptor; the kernel then cancels whatever is still in flight.
     """
 
@@ -81,18 +80,20 @@ class Ring:
         self._cq_head = _U32.unpack_from(rings, self._cq_head_at)[0]
         self._unsubmitted = 0
 
-    def push(self, opcode: int, fd: int, cmd_op: int, addr: int, length: int, user_data: int, cmd: bytes) -> None:
-        """Queue an SQE on ``fd`` (submitted by the next ``enter``): ``cmd_op`` and ``cmd`` for
-        OP_URING_CMD, ``addr`` and ``length`` a buffer or an iovec array. Raises BufferError if
-        every slot is already queued."""
+    def push(self, opcode: int, fd: int, cmd_op: int, addr: int, length: int, user_data: int) -> None:
+        """Queue an SQE on ``fd`` (submitted by the next ``enter``), its command area zero: ``cmd_op``
+        for OP_URING_CMD, ``addr`` and ``length`` a buffer or an iovec array."""
+        self.push_packed(_SQE, opcode, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data, 0, 0, 0)
+
+    def push_packed(self, sqe: struct.Struct, *fields: int) -> None:
+        """Queue an SQE laid out by ``sqe``, a struct of SQE_SIZE bytes starting with SQE_HEAD_FORMAT's
+        fields (an URING_CMD's command after them). Raises BufferError if every slot is queued."""
         sqes = self._sqes
         if sqes is None:
             raise ValueError("the ring is closed")
         if self._unsubmitted >= self.sq_entries:
             raise BufferError("the submission queue is full")
-        at = (self._sq_tail & self._sq_mask) * SQE_SIZE
-        _SQE_HEAD.pack_into(sqes, at, opcode, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data, 0, 0, 0)
-        sqes[at + CMD_OFFSET:at + CMD_OFFSET + CMD_SIZE] = cmd.ljust(CMD_SIZE, b"\0")
+        sqe.pack_into(sqes, (self._sq_tail & self._sq_mask) * SQE_SIZE, *fields)
         self._sq_tail = (self._sq_tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1
 
@@ -112,17 +113,22 @@ class Ring:
             if not self._unsubmitted:
                 return
 
-    def reap(self) -> Iterator[tuple[int, int]]:
+    def reap(self) -> list[tuple[int, int]]:
         """The ``(user_data, res)`` of each completion posted since the last call, oldest first."""
         rings = self._rings
         if rings is None:
             raise ValueError("the ring is closed")
         tail = _U32.unpack_from(rings, self._cq_tail_at)[0]
-        while self._cq_head != tail:
-            user_data, res, _ = _CQE.unpack_from(rings, self._cqes_at + (self._cq_head & self._cq_mask) * CQE_SIZE)
-            self._cq_head = (self._cq_head + 1) & 0xFFFFFFFF
-            _U32.pack_into(rings, self._cq_head_at, self._cq_head)
-            yield user_data, res
+        head = self._cq_head
+        done = []
+        while head != tail:
+            user_data, res, _ = _CQE.unpack_from(rings, self._cqes_at + (head & self._cq_mask) * CQE_SIZE)
+            done.append((user_data, res))
+            head = (head + 1) & 0xFFFFFFFF
+        if done:
+            self._cq_head = head
+            _U32.pack_into(rings, self._cq_head_at, head)
+        return done
 
     def close(self) -> None:
         self._sqes = self._rings = None

@@ -61,6 +61,10 @@ _OP_READ = 22
 _PAYLOAD_SZ_AT = abi.URING_ENT_IN_OUT + 16
 _IOVECS = struct.Struct("<QQQQ")  # two struct iovec: header, payload
 _U32 = struct.Struct("<I")
+#: An URING_CMD SQE to /dev/fuse: the SQE's fixed fields, then fuse_uring_cmd_req in the command area.
+_FUSE_SQE = struct.Struct(uring.SQE_HEAD_FORMAT + abi.URING_CMD_REQ.format[1:]
+                          + f"{uring.CMD_SIZE - abi.URING_CMD_REQ.size}x")
+assert _FUSE_SQE.size == uring.SQE_SIZE
 _END_ERRNOS = (errno.ENOTCONN, errno.ECANCELED, errno.ECONNABORTED, errno.ENODEV)
 _PREPARE_TIMEOUT = 10.0
 
@@ -334,11 +338,10 @@ class _Worker:
         iov_base = syscalls.buffer_address(iovecs)
         self._iov_base = iov_base
         for i in range(self.slots):
-            ring.push(uring.OP_URING_CMD, t.fd, abi.URING_CMD_REGISTER, iov_base + i * _IOVECS.size, 2, i,
-                      abi.URING_CMD_REQ.pack(0, 0, self.qid))
+            self._push(ring, abi.URING_CMD_REGISTER, i, 0)
         wake = bytearray(8)
         if self.wakeable:
-            ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE, b"")
+            ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE)
         view = memoryview(buf)
         handle = t.dispatcher.handle
         registered = [False] * self.slots
@@ -346,10 +349,10 @@ class _Worker:
         try:
             while live:
                 ring.enter(1)
-                for slot, res in list(ring.reap()):
+                for slot, res in ring.reap():
                     if slot == _WAKE:
                         if res >= 0:
-                            ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE, b"")
+                            ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE)
                         self._commit_late(ring)
                         for admitted in t._admit_deferred(self):
                             self._answer(ring, buf, view, admitted, handle, admitted=True)
@@ -399,10 +402,14 @@ class _Worker:
             outcome.undelivered()
             _write_reply(buf, slot * SLOT_SIZE, (abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -errno.EIO, unique),))
             outcome = Outcome(())
-        ring.push(uring.OP_URING_CMD, self.transport.fd, abi.URING_CMD_COMMIT_AND_FETCH,
-                  self._iov_base + slot * _IOVECS.size, 2, slot, abi.URING_CMD_REQ.pack(0, unique, self.qid))
+        self._push(ring, abi.URING_CMD_COMMIT_AND_FETCH, slot, unique)
         if outcome.after is not None:
             outcome.after()
+
+    def _push(self, ring: Ring, cmd_op: int, slot: int, commit_id: int) -> None:
+        """Queue a REGISTER or COMMIT_AND_FETCH of entry ``slot`` (its iovecs, its qid)."""
+        ring.push_packed(_FUSE_SQE, uring.OP_URING_CMD, 0, 0, self.transport.fd, cmd_op, 0,
+                         self._iov_base + slot * _IOVECS.size, 2, 0, slot, 0, 0, 0, 0, commit_id, self.qid)
 
     def _commit_late(self, ring: Ring) -> None:
         """Commit the replies coroutines handed over since the last wake-up."""

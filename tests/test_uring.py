@@ -29,7 +29,7 @@ def test_a_uring_cmd_on_a_file_without_one_completes_with_eopnotsupp_and_its_use
     fd = os.open(path, os.O_RDONLY)
     try:
         with Ring(2) as ring:
-            ring.push(OP_URING_CMD, fd, 1, 0, 0, 0xDEADBEEF, b"")
+            ring.push(OP_URING_CMD, fd, 1, 0, 0, 0xDEADBEEF)
             ring.enter(1)
             assert list(ring.reap()) == [(0xDEADBEEF, -errno.EOPNOTSUPP)]
             assert list(ring.reap()) == []
@@ -40,9 +40,9 @@ def test_a_uring_cmd_on_a_file_without_one_completes_with_eopnotsupp_and_its_use
 def test_a_full_submission_queue_refuses_another_sqe() -> None:
     with Ring(1) as ring:
         for _ in range(ring.sq_entries):
-            ring.push(OP_URING_CMD, -1, 1, 0, 0, 0, b"")
+            ring.push(OP_URING_CMD, -1, 1, 0, 0, 0)
         with pytest.raises(BufferError):
-            ring.push(OP_URING_CMD, -1, 1, 0, 0, 0, b"")
+            ring.push(OP_URING_CMD, -1, 1, 0, 0, 0)
 
 
 def test_closing_a_ring_releases_its_descriptor_and_mappings() -> None:

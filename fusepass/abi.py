@@ -232,6 +232,16 @@ DEV_IOC_BACKING_CLOSE = 0x4004E502
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
+#: FUSE over io_uring (7.42): the command in an SQE's command area (flags commit_id qid padding[6]),
+#: and struct fuse_uring_req_header, one per ring entry: in_out (the in header, then the out header),
+#: op_in (the request's first argument), ring_ent_in_out (flags commit_id payload_sz padding reserved).
+URING_CMD_REQ = struct.Struct("<QQH6x")
+URING_CMD_REGISTER = 1
+URING_CMD_COMMIT_AND_FETCH = 2
+URING_HEADER_SIZE = 288
+URING_OP_IN = 128  # offset of op_in, also its size
+URING_ENT_IN_OUT = 256
+URING_ENT_IN_OUT_FORMAT = struct.Struct("<QQII8x")
 
 INIT_IN = struct.Struct("<IIIII44x")  # major minor max_readahead flags flags2 unused[11]
 INIT_IN_MIN = struct.Struct("<IIII")  # the pre-7.36 16-byte form
@@ -305,7 +315,8 @@ NOTIFY_RETRIEVE_OUT = struct.Struct("<QQQII")  # notify_unique nodeid offset siz
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 
 _SIZES = {
-    IN_HEADER: 40, OUT_HEADER: 16, INIT_IN: 64, INIT_OUT: 64, ATTR: 88, ENTRY_OUT: 128,
+    IN_HEADER: 40, OUT_HEADER: 16, URING_CMD_REQ: 24, URING_ENT_IN_OUT_FORMAT: 32,
+    INIT_IN: 64, INIT_OUT: 64, ATTR: 88, ENTRY_OUT: 128,
     ATTR_OUT: 104, SETATTR_IN: 88, READ_IN: 40, WRITE_IN: 40, STATFS_OUT: 80, LK_IN: 48,
     STATX: 256, STATX_OUT: 288, DIRENTPLUS: 152, COPY_FILE_RANGE_IN: 56, OPEN_OUT: 16,
 }

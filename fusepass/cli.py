@@ -26,6 +26,7 @@ from .policy import Policy, RuleError, rules_from_toml
 from .policy_mirror import PolicyMirror
 from .serve import USAGE, OneLineParser, describe, parse_mount_options, serve, thread_count
 from .session import DEFAULT_THREADS, Session, SessionError
+from .uring_transport import take_options
 
 PROG = "fusepass"
 MAX_TIMEOUT = 365 * 86400  # seconds: a year; the kernel would take more, no operator means it
@@ -136,6 +137,10 @@ def _prepare(args: argparse.Namespace) -> Session:
         options.check()
     except ValueError as e:
         raise UsageError(str(e)) from None
+    try:
+        uring, extra = take_options(extra)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     fs_options = _mirror_options(extra)
     depth = fs_options.pop("max_stack_depth", None)
     rules, audit_path = _policy(args)
@@ -153,7 +158,7 @@ def _prepare(args: argparse.Namespace) -> Session:
         depth = 2 if fs.stacked else 1
     _warn_if_not_empty(mnt)
     return Session(fs, mnt, options, threads=args.threads, passthrough=args.passthrough,
-                   max_stack_depth=int(depth), debug=args.debug)
+                   max_stack_depth=int(depth), debug=args.debug, io_uring=uring.enabled, io_uring_depth=uring.depth)
 
 
 def _writable(path: str, what: str) -> None:
@@ -323,6 +328,7 @@ def _format_status(st: dict[str, Any]) -> str:
     ]
     if fs.get("source_state", "present") != "present":
         lines.append(f"  SOURCE {fs['source_state'].upper()}: new lookups fail; what the server holds is still served")
+    lines.append(_format_transport(st.get("transport")))
     lines.append("  passthrough: " + ("on" if pt["negotiated"] else f"off ({pt['why_not']})")
                  + f"; opens {pt['opens']} passed through, {pt['served_opens']} served; "
                  f"backing ids now {pt['backing_ids']}")
@@ -419,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated options (repeatable): ro, allow_other, default_permissions (on), "
                         "fsname=NAME, timeout=SECONDS (entry and attribute cache; default 86400 while the "
                         "source is watched for changes, else 1), nowatch (do not watch the source: short "
-                        "caches), max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2")
+                        "caches), max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2, "
+                        "io_uring (take requests through FUSE over io_uring where the kernel allows; status "
+                        "says why not), io_uring_depth=N (ring entries per CPU, default 2)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
     m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                    help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
@@ -462,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default /sbin)")
     h.set_defaults(func=cmd_install_helper)
     return parser
+
+
+def _format_transport(tr: dict[str, Any] | None) -> str:
+    if not tr:
+        return "  transport: /dev/fuse"
+    if tr["kind"] == "io_uring":
+        per_queue = ", ".join(f"{q['qid']}: {q['requests']}" for q in tr["queues"])
+        depth = tr["queues"][0]["entries"] if tr["queues"] else 0
+        return f"  transport: io_uring, {len(tr['queues'])} queues of {depth} entries; requests per queue {per_queue}"
+    why = f" (io_uring not used: {tr['io_uring_why_not']})" if tr["io_uring_requested"] else ""
+    return f"  transport: /dev/fuse{why}"
 
 
 # Options mount(8) and fstab pass that mean nothing to the filesystem itself.

@@ -43,6 +43,7 @@ def status_document(session: Session) -> dict[str, Any]:
             "default_permissions": o.default_permissions, "ro": o.ro, "max_read": o.max_read,
         },
         "threads": session.worker_count,
+        "transport": session.transport_status(),
         "passthrough": {
             "mode": session.passthrough_mode,
             "negotiated": reg.available,

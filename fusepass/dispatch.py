@@ -184,7 +184,8 @@ class Dispatcher:
     can use the backing ioctls (CAP_SYS_ADMIN). ``clock``: nanoseconds, for latencies and log
     rate limits. ``trace``: called with one line per request when debugging.
     ``on_initialized``: called once the INIT reply has been written. ``runner``: where coroutine
-    handlers run; required if ``fs`` has any (``coroutine_handlers``).
+    handlers run; required if ``fs`` has any (``coroutine_handlers``). ``io_uring``: ask INIT for
+    FUSE_OVER_IO_URING (set by a transport that is ready to register ring entries).
     """
 
     def __init__(
@@ -192,7 +193,7 @@ class Dispatcher:
         send_notification: Callable[[bytes], object] | None = None, passthrough: PassthroughMode = "auto",
         may_pass_through: bool = False, max_stack_depth: int = 1, clock: Callable[[], int] = time.monotonic_ns,
         trace: Callable[[str], None] | None = None, on_initialized: Callable[[], None] | None = None,
-        runner: Runner | None = None,
+        runner: Runner | None = None, io_uring: bool = False,
     ) -> None:
         awaited = coroutine_handlers(fs)
         plain_only = [name for name in awaited if name in _PLAIN_ONLY]
@@ -209,6 +210,9 @@ class Dispatcher:
         self.passthrough_mode: PassthroughMode = passthrough
         self.may_pass_through = may_pass_through
         self.max_stack_depth = max_stack_depth
+        self.io_uring = io_uring
+        #: Whether INIT granted FUSE_OVER_IO_URING: requests but FORGET and INTERRUPT come through the ring.
+        self.over_io_uring = False
         self.parser = P.Parser()
         self.notifier = Notifier(send_notification or _not_connected, self)
         self.conn: ConnectionInfo | None = None
@@ -420,7 +424,7 @@ class Dispatcher:
     def _init(self, r: P.Init, ctx: Context) -> Body:
         try:
             done = negotiate(r, self.fs, passthrough=self.passthrough_mode, may_pass_through=self.may_pass_through,
-                             max_stack_depth=self.max_stack_depth, notifier=self.notifier)
+                             max_stack_depth=self.max_stack_depth, notifier=self.notifier, io_uring=self.io_uring)
         except NegotiationError as e:
             self.failure = e.strerror
             log.error("%s", self.failure)
@@ -430,6 +434,7 @@ class Dispatcher:
         self.parser.setxattr_ext = bool(done.conn.want & abi.InitFlag.SETXATTR_EXT)
         self.parser.max_reply = min(done.conn.max_pages * abi.PAGE_SIZE, REPLY_BUFFER)
         self.registry.enable(done.passthrough_why_not)
+        self.over_io_uring = done.io_uring
         self.conn = done.conn
         return done.reply
 

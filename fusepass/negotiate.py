@@ -37,6 +37,8 @@ class Negotiated:
     #: Why passthrough is off, in words (None: it is on).
     passthrough_why_not: str | None
     reply: bytes
+    #: Whether requests will come through io_uring (FUSE_OVER_IO_URING asked for and granted).
+    io_uring: bool = False
 
 
 def check_passthrough_mode(mode: str) -> PassthroughMode:
@@ -48,10 +50,11 @@ def check_passthrough_mode(mode: str) -> PassthroughMode:
 
 def negotiate(
     req: P.Init, fs: Operations, *, passthrough: PassthroughMode, may_pass_through: bool, max_stack_depth: int,
-    notifier: Notifier | None = None,
+    notifier: Notifier | None = None, io_uring: bool = False,
 ) -> Negotiated:
     """Answer INIT. ``may_pass_through``: whether this process holds CAP_SYS_ADMIN, which the
-    backing ioctls require. Calls ``fs.init(conn)``, which may change ``conn.want``.
+    backing ioctls require. ``io_uring``: ask for FUSE_OVER_IO_URING (the transport is ready for
+    it). Calls ``fs.init(conn)``, which may change ``conn.want``.
     Raises NegotiationError for a kernel too old, or passthrough "on" that cannot be had."""
     if req.major != abi.KERNEL_VERSION or req.minor < abi.MIN_KERNEL_MINOR_VERSION:
         raise NegotiationError(
@@ -71,6 +74,8 @@ def negotiate(
         want |= abi.InitFlag.FLOCK_LOCKS
     if passthrough != "off":
         want |= abi.InitFlag.PASSTHROUGH
+    if io_uring:
+        want |= abi.InitFlag.OVER_IO_URING
     conn = ConnectionInfo(
         proto_minor=minor, kernel_flags=offered, want=want, max_write=abi.MAX_WRITE,
         max_readahead=req.max_readahead, max_pages=abi.MAX_PAGES, max_stack_depth=max_stack_depth,
@@ -96,7 +101,7 @@ def negotiate(
         conn.congestion_threshold, conn.max_write, conn.time_gran, conn.max_pages,
         conn.max_stack_depth if why_not is None else 0,
     )
-    return Negotiated(conn, why_not, reply)
+    return Negotiated(conn, why_not, reply, bool(granted & abi.InitFlag.OVER_IO_URING))
 
 
 def _passthrough_refusal(

@@ -14,6 +14,7 @@ from .mount import MountError, MountOptions
 from .negotiate import PASSTHROUGH_MODES
 from .ops import Operations
 from .session import DEFAULT_THREADS, Session, SessionError
+from .uring_transport import take_options
 
 
 def describe(e: BaseException) -> str:
@@ -70,7 +71,9 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mountpoint", help="an existing directory to mount the filesystem on")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                         help="comma-separated mount options: ro, allow_other, default_permissions, fsname=NAME, "
-                             "nosuid, nodev, noexec, noatime, max_read=BYTES (repeatable)")
+                             "nosuid, nodev, noexec, noatime, max_read=BYTES; io_uring (take requests through "
+                             "FUSE over io_uring where possible), io_uring_depth=N (ring entries per CPU, "
+                             "default 2) (repeatable)")
     parser.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS, metavar="N",
                         help=f"worker threads, each with its own /dev/fuse queue (default {DEFAULT_THREADS})")
     parser.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
@@ -100,10 +103,15 @@ def run_foreground(
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = defaults or MountOptions()
+    unknown = []
     for text in args.options:
-        unknown = parse_mount_options(text, options)
-        if unknown:
-            parser.error(f"unknown mount option(s): {', '.join(unknown)}")
+        unknown += parse_mount_options(text, options)
+    try:
+        uring, unknown = take_options(unknown)
+    except ValueError as e:
+        parser.error(str(e))
+    if unknown:
+        parser.error(f"unknown mount option(s): {', '.join(unknown)}")
     try:
         options.check()
     except ValueError as e:
@@ -111,7 +119,8 @@ def run_foreground(
     try:
         fs = make_fs(args)
         session = Session(fs, args.mountpoint, options, threads=args.threads, passthrough=args.passthrough,
-                          debug=args.debug, max_in_flight=args.max_in_flight)
+                          debug=args.debug, max_in_flight=args.max_in_flight, io_uring=uring.enabled,
+                          io_uring_depth=uring.depth)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: {describe(e)}", file=sys.stderr)
         return 1

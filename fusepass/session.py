@@ -31,6 +31,7 @@ from .negotiate import check_passthrough_mode
 from .notify import Notifier
 from .ops import ConnectionInfo, Operations
 from .stats import OpSummary, summarize
+from .uring_transport import UringTransport, refused_reason, unavailable_reason
 
 if TYPE_CHECKING:
     import asyncio
@@ -44,6 +45,8 @@ DEFAULT_THREADS = 4
 REQUEST_BUFFER = abi.MAX_WRITE + abi.PAGE_SIZE
 _END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
 _RETRY_ERRNOS = (errno.ENOENT, errno.EAGAIN, errno.EINTR)  # ENOENT: the request was interrupted meanwhile
+#: Set to 1 to make io_uring the default transport of every session (``-o io_uring`` per mount).
+IO_URING_ENV = "FUSEPASS_IO_URING"
 
 
 class SessionError(RuntimeError):
@@ -65,18 +68,28 @@ class Session:
     its owner runs (default: a private one on a thread of its own; see ``fusepass.aio.serve``);
     ``max_in_flight``, how many requests they may serve at once (default
     ``fusepass.aio.DEFAULT_MAX_IN_FLIGHT``): beyond it the workers stop reading, but for one.
+
+    ``io_uring``: take requests through FUSE over io_uring (``fusepass.uring_transport``) where the
+    kernel and the process allow it, else through /dev/fuse, with the reason in
+    ``io_uring_why_not`` (default: on if the environment variable FUSEPASS_IO_URING is 1).
+    ``io_uring_depth``: ring entries per queue (default: 2, each with its own thread; for ``async def``
+    handlers 1024 on one thread per queue, at most ``max_in_flight``). INIT, FORGET, INTERRUPT and
+    notifications use /dev/fuse in any case (one worker there while the ring serves).
     """
 
     def __init__(
         self, fs: Operations, mountpoint: str, options: mountmod.MountOptions | None = None, *,
         threads: int = DEFAULT_THREADS, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
         device: Device | None = None, loop: asyncio.AbstractEventLoop | None = None, max_in_flight: int | None = None,
+        io_uring: bool | None = None, io_uring_depth: int | None = None,
     ) -> None:
         self.passthrough_mode = check_passthrough_mode(passthrough)
         if not 1 <= max_stack_depth <= 2:
             raise ValueError("max_stack_depth must be 1 or 2")
         if threads < 1:
             raise ValueError("threads must be at least 1")
+        if io_uring_depth is not None and io_uring_depth < 1:
+            raise ValueError("io_uring_depth must be at least 1")
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint)
         self.options = options or mountmod.MountOptions()
@@ -96,6 +109,10 @@ class Session:
             self.in_flight = aio.InFlight(limit, threads)
             self.runner = aio.LoopRunner(loop, self.in_flight)
         self.dispatcher = self._make_dispatcher()
+        self.io_uring_requested = os.environ.get(IO_URING_ENV) == "1" if io_uring is None else io_uring
+        self.io_uring_depth = io_uring_depth
+        self.uring: UringTransport | None = None  # the ring entries, once prepared
+        self.io_uring_why_not: str | None = None if self.io_uring_requested else "not asked for (-o io_uring)"
         self.started = time.time()
         self._devices: list[Device] = []
         self._workers: list[threading.Thread] = []
@@ -145,15 +162,36 @@ class Session:
         return self.registry.why_not
 
     def op_stats(self) -> dict[str, OpSummary]:
-        return summarize([s.stats for s in self._scratches] + [self.dispatcher.runner_stats])
+        ring = self.uring.scratches if self.uring is not None else []
+        return summarize([s.stats for s in self._scratches + ring] + [self.dispatcher.runner_stats])
 
     @property
     def malformed_requests(self) -> int:
-        return sum(s.stats.malformed for s in self._scratches)
+        ring = self.uring.scratches if self.uring is not None else []
+        return sum(s.stats.malformed for s in self._scratches + ring)
 
     @property
     def worker_count(self) -> int:
-        return len(self._devices)
+        ring = self.uring.workers if self.uring is not None and self.over_io_uring else []
+        return len(self._devices) + len(ring)
+
+    @property
+    def over_io_uring(self) -> bool:
+        """Whether requests come through io_uring (granted at INIT and registered)."""
+        return self.uring is not None and self.dispatcher.over_io_uring and self.uring.failure is None
+
+    def transport_status(self) -> dict[str, object]:
+        """The transport in use, why io_uring is not (if asked for), and the requests per queue."""
+        ring = self.uring if self.over_io_uring else None
+        return {
+            "kind": "io_uring" if ring is not None else "/dev/fuse",
+            "io_uring_requested": self.io_uring_requested,
+            "io_uring_why_not": self.io_uring_why_not,
+            "threads": 0 if ring is None else len(ring.workers),
+            "queues": [] if ring is None else [
+                {"qid": qid, "entries": ring.depth, "requests": n} for qid, n in enumerate(ring.queue_counts())
+            ],
+        }
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -166,22 +204,56 @@ class Session:
             self.device = self.mount.device
             self.registry.device = self.device
         self.connection_id = mountmod.connection_id(self.mountpoint)
-        self._devices = [self.device]
-        try:
-            self._devices += [self.device.clone() for _ in range(self.threads - 1)]
-        except OSError as e:
-            log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(self._devices))
-        self._alive = len(self._devices)
-        if self.in_flight is not None:
-            self.in_flight.workers = len(self._devices)
+        if self.io_uring_requested:
+            self._prepare_uring(self.device)
         if self.runner is not None:
             self.runner.open()
-        for i, device in enumerate(self._devices):
+        # With a ring ready, one /dev/fuse worker takes INIT, FORGET and INTERRUPT; the rest
+        # only if the ring is not granted after all.
+        self._start_workers([self.device], 0 if self.uring is not None else self.threads - 1)
+
+    def _start_workers(self, devices: list[Device], clones: int) -> None:
+        """Start a worker for each of ``devices`` and for ``clones`` clones of the first device."""
+        try:
+            devices = devices + [self.device.clone() for _ in range(clones) if self.device is not None]
+        except OSError as e:
+            log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e,
+                        len(self._devices) + len(devices))
+        with self._lock:
+            if self._descriptors_closed:
+                for device in devices:
+                    device.close()
+                return
+            first = len(self._devices)
+            self._devices += devices
+            self._alive += len(devices)
+            if self.in_flight is not None:
+                self.in_flight.workers = len(self._devices)
+        for i, device in enumerate(devices, first):
             scratch = Scratch(deliver=functools.partial(self._deliver_later, device.fd))
             self._scratches.append(scratch)
             t = threading.Thread(target=self._worker, args=(device.fd, scratch), name=f"fusepass-{i}", daemon=True)
             self._workers.append(t)
             t.start()
+
+    def _prepare_uring(self, device: Device) -> None:
+        """Make the ring entries before INIT, so that INIT asks for io_uring only if they exist."""
+        reason = unavailable_reason()
+        if reason is None:
+            transport = UringTransport(self.dispatcher, device.fd, self.io_uring_depth, self._uring_fallback,
+                                       max_in_flight=self.in_flight.limit if self.in_flight is not None else None)
+            reason = transport.prepare()
+            if reason is None:
+                self.uring = transport
+                self.dispatcher.io_uring = True
+                return
+        self.io_uring_why_not = reason
+        log.warning("io_uring not used, serving through /dev/fuse: %s", reason)
+
+    def _uring_fallback(self, reason: str) -> None:
+        """A registration failed after INIT: the kernel serves through /dev/fuse again; so do we."""
+        self.io_uring_why_not = reason
+        self._start_workers([], self.threads - 1)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until INIT has been answered (the mount can be used); False on timeout.
@@ -261,6 +333,10 @@ class Session:
                 log.warning("unmount of %s: %s", self.mountpoint, e)
         if self.runner is not None:
             self.runner.close()  # its last replies (EINTR) reach a connection that is gone
+        if self.uring is not None:
+            self.uring.cancel()  # those never registered end now; the others ended with the connection
+            if not self.uring.join(5):
+                log.warning("an io_uring thread did not end")
         self.registry.close_all()
         with self._lock:
             self._descriptors_closed = True
@@ -355,7 +431,16 @@ class Session:
         os.write(self._devices[0].fd, message)
 
     def _initialized(self) -> None:
-        """The INIT reply has been written: raise readahead, and tell ``wait_ready``."""
+        """The INIT reply has been written: register the ring entries (or drop them and start the
+        other /dev/fuse workers), raise readahead, and tell ``wait_ready``."""
+        if self.uring is not None and self.conn is not None:
+            if self.dispatcher.over_io_uring:
+                self.uring.start()
+            else:
+                self.io_uring_why_not = refused_reason(bool(self.conn.kernel_flags & abi.InitFlag.OVER_IO_URING))
+                log.warning("io_uring not used, serving through /dev/fuse: %s", self.io_uring_why_not)
+                self.uring.cancel()
+                self._start_workers([], self.threads - 1)
         if self.conn is not None:
             self._raise_readahead(self.conn)
         self._ready.set()

@@ -1,10 +1,12 @@
 """ctypes wrappers for the Linux calls Python's ``os`` module lacks: mount and umount2, ioctls that
 return a value, renameat2, file handles, fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on
-O_PATH descriptors, statx, fstatfs, fanotify. Every ctypes handle of the package lives here."""
+O_PATH descriptors, statx, fstatfs, fanotify, io_uring_setup and io_uring_enter. Every ctypes handle of the
+package lives here."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -149,3 +151,67 @@ def fanotify_init(flags: int, event_f_flags: int) -> int:
 def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: bytes | None) -> None:
     """Add, change or remove the mark of ``path`` (relative to ``dirfd``) in an fanotify group."""
     _check(_libc.fanotify_mark(group_fd, flags, mask, dirfd, path), "fanotify_mark", path)
+
+
+_libc.syscall.restype = ctypes.c_long
+_NR_IO_URING_SETUP = 425  # x86-64 and every architecture with the generic syscall table
+_NR_IO_URING_ENTER = 426
+
+
+def io_uring_setup(entries: int, params: bytearray) -> int:
+    """io_uring_setup(2): a new ring's descriptor; ``params`` (a ``struct io_uring_params``) is read
+    and filled in by the kernel."""
+    holder = (ctypes.c_char * len(params)).from_buffer(params)
+    ret = _libc.syscall(ctypes.c_long(_NR_IO_URING_SETUP), ctypes.c_uint(entries), ctypes.byref(holder))
+    return _check(int(ret), "io_uring_setup")
+
+
+# A handle of syscall(2) of its own with fixed argument types, so that a call converts plain ints
+# without building ctypes objects (this runs once per request). glibc's syscall() only moves
+# registers, so declaring the variadic arguments is safe.
+_enter = ctypes.CDLL(None, use_errno=True).syscall
+_enter.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p,
+                   ctypes.c_size_t]
+_enter.restype = ctypes.c_long
+
+
+def io_uring_enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
+    """io_uring_enter(2) without a signal mask: how many submissions the kernel took. The GIL is
+    released while it waits."""
+    ret = _enter(_NR_IO_URING_ENTER, fd, to_submit, min_complete, flags, None, 0)
+    if ret < 0:
+        return _check(ret, "io_uring_enter")
+    return int(ret)
+
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class SharedMapping:
+    """mmap(2) of a descriptor's memory (MAP_SHARED | MAP_POPULATE), as ``view``. Unlike the ``mmap``
+    module, it keeps no duplicate of the descriptor, so closing the descriptor and the mapping
+    releases the object. ``close`` releases the view first: using it afterwards raises ValueError."""
+
+    def __init__(self, fd: int, length: int, offset: int) -> None:
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                          fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap: {os.strerror(err)}")
+        self._addr, self._length = addr, length
+        self.view: memoryview | None = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+            _libc.munmap(self._addr, self._length)
+
+
+def buffer_address(buf: bytearray | mmap.mmap) -> int:
+    """The address of a writable buffer's first byte, for the kernel to read or write later. It stays
+    valid while ``buf`` is open and not resized (an mmap never is)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import select
@@ -13,6 +14,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,70 @@ from fusepass import mount as mountmod
 REPO = Path(__file__).resolve().parent.parent
 SERVERS = Path(__file__).resolve().parent / "servers"
 READY_TIMEOUT = 30.0
+URING_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
+#: FUSEPASS_TEST_IO_URING=1 runs every server of the suite over io_uring: the module parameter is
+#: turned on for the run (and put back after it), and servers get FUSEPASS_IO_URING=1.
+TEST_IO_URING = os.environ.get("FUSEPASS_TEST_IO_URING") == "1"
+
+
+@contextmanager
+def uring_parameter(value: str) -> Iterator[None]:
+    """The fuse module parameter enable_uring set to ``value`` (Y or N) inside the block, and put
+    back to what it was after it, whatever happens."""
+    if not URING_PARAMETER.exists():
+        pytest.skip("this kernel has no FUSE over io_uring (no enable_uring parameter)")
+    if os.geteuid() != 0:
+        pytest.skip("setting enable_uring needs root")
+    old = URING_PARAMETER.read_text().strip()
+    URING_PARAMETER.write_text(value)
+    try:
+        yield
+    finally:
+        URING_PARAMETER.write_text(old)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_over_io_uring() -> Iterator[None]:
+    if not TEST_IO_URING:
+        yield
+        return
+    saved = os.environ.get("FUSEPASS_IO_URING")
+    os.environ["FUSEPASS_IO_URING"] = "1"
+    try:
+        with uring_parameter("Y"):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEPASS_IO_URING", None)
+        else:
+            os.environ["FUSEPASS_IO_URING"] = saved
+
+
+def expected_threads(status: dict[str, Any], dev_fuse_workers: int) -> int:
+    """The threads a status document counts: the /dev/fuse workers asked for, or over io_uring
+    the one /dev/fuse worker and the ring's threads."""
+    transport = status["transport"]
+    return dev_fuse_workers if transport["kind"] == "/dev/fuse" else 1 + transport["threads"]
+
+
+#: What a caller gets from the mount of a killed server: ENOTCONN; over io_uring ECONNABORTED too, for
+#: a request queued while the dead process's rings still held its /dev/fuse file (the kernel cancels
+#: their commands after the process has gone).
+DEAD_SERVER_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED) if TEST_IO_URING else (errno.ENOTCONN,)
+
+
+@pytest.fixture
+def enable_uring() -> Iterator[None]:
+    """enable_uring on for the test (put back after it)."""
+    with uring_parameter("Y"):
+        yield
+
+
+@pytest.fixture
+def disable_uring() -> Iterator[None]:
+    """enable_uring off for the test (put back after it)."""
+    with uring_parameter("N"):
+        yield
 
 
 class ServerProcess:

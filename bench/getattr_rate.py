@@ -1,0 +1,119 @@
+"""GETATTR requests per second with 1, 2 and 4 callers, over /dev/fuse and over io_uring (issue 17).
+
+The server (``bench.request_cost.Cheap``: attributes never cached, so every ``stat`` of the root is
+one GETATTR) runs in this process; each caller is a forked process that stats the mount point for
+the same number of seconds. Transports and caller counts are interleaved, round by round, each
+measurement on a fresh mount. The fuse module parameter enable_uring is turned on for the
+io_uring mounts and put back to what it was afterwards (root only)::
+
+    python -m bench.getattr_rate --rounds 3 --seconds 3
+
+Prints one line per measurement and a table of medians (requests/s, all callers together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+
+from bench.request_cost import Cheap
+from fusepass.session import Session
+from fusepass.uring_transport import MODULE_PARAMETER
+
+TRANSPORTS = ("/dev/fuse", "io_uring")
+
+
+@contextlib.contextmanager
+def uring_parameter(value: str) -> Iterator[None]:
+    """enable_uring set to ``value`` inside the block, put back after it."""
+    with open(MODULE_PARAMETER) as f:
+        old = f.read().strip()
+    with open(MODULE_PARAMETER, "w") as f:
+        f.write(value)
+    try:
+        yield
+    finally:
+        with open(MODULE_PARAMETER, "w") as f:
+            f.write(old)
+
+
+def _caller(mnt: str, go: int, out: int, seconds: float) -> None:
+    """A forked caller: wait for the start byte, stat ``mnt`` for ``seconds``, report the count."""
+    try:
+        os.read(go, 1)
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for _ in range(64):
+                os.stat(mnt)
+            n += 64
+        os.write(out, struct.pack("<Q", n))
+    finally:
+        os._exit(0)
+
+
+def measure(transport: str, callers: int, seconds: float, depth: int) -> float:
+    """GETATTR requests per second of ``callers`` processes together, on a fresh mount."""
+    with tempfile.TemporaryDirectory() as mnt:
+        go_r, go_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pids = []
+        for _ in range(callers):  # forked before the server's threads exist
+            pid = os.fork()
+            if pid == 0:
+                _caller(mnt, go_r, out_w, seconds)
+            pids.append(pid)
+        os.close(out_w)
+        os.close(go_r)
+        try:
+            session = Session(Cheap(), mnt, passthrough="off", io_uring=transport == "io_uring",
+                              io_uring_depth=depth)
+            with session:
+                if transport == "io_uring" and not session.over_io_uring:
+                    raise RuntimeError(f"io_uring not used: {session.io_uring_why_not}")
+                os.stat(mnt)  # the first request after INIT waits for every queue to register
+                start = time.monotonic()
+                os.write(go_w, b"x" * callers)
+                counts = [struct.unpack("<Q", os.read(out_r, 8))[0] for _ in range(callers)]
+                elapsed = time.monotonic() - start
+        finally:
+            os.close(go_w)
+            os.close(out_r)
+            for pid in pids:
+                os.waitpid(pid, 0)
+        return sum(counts) / max(elapsed, seconds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--callers", default="1,2,4")
+    parser.add_argument("--depth", type=int, default=2, help="io_uring entries per queue")
+    args = parser.parse_args()
+    callers = [int(c) for c in args.callers.split(",")]
+    results: dict[tuple[str, int], list[float]] = {}
+    with uring_parameter("Y"):
+        for r in range(args.rounds):
+            for n in callers:
+                for transport in (TRANSPORTS if r % 2 == 0 else TRANSPORTS[::-1]):
+                    rate = measure(transport, n, args.seconds, args.depth)
+                    results.setdefault((transport, n), []).append(rate)
+                    print(f"round {r + 1} {transport:<9} {n} callers: {rate:10.0f} GETATTR/s", flush=True)
+    print(f"\nmedians over {args.rounds} rounds of {args.seconds:g} s (GETATTR/s, all callers together)")
+    print(f"{'callers':>8}{'/dev/fuse':>12}{'io_uring':>12}{'ratio':>8}")
+    for n in callers:
+        dev = statistics.median(results[("/dev/fuse", n)])
+        ring = statistics.median(results[("io_uring", n)])
+        print(f"{n:>8}{dev:>12.0f}{ring:>12.0f}{ring / dev:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

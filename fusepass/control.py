@@ -61,6 +61,7 @@ def status_document(session: Session) -> dict[str, Any]:
         "malformed_requests": session.malformed_requests,
         "open_fds": open_fds,
         "filesystem": session.fs.status(),
+        "restarts": session.restarts.status() if session.restarts is not None else None,
     }
 
 

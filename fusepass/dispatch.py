@@ -30,12 +30,13 @@ import enum
 import errno
 import inspect
 import logging
+import struct
 import threading
 import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar, cast, overload
 
 from . import abi
 from . import protocol as P
@@ -56,6 +57,9 @@ from .ops import (
 )
 from .stats import WorkerStats
 
+if TYPE_CHECKING:
+    from .journal import Journal
+
 log = logging.getLogger("fusepass")
 
 Body = P.Buffer | None  # a reply payload; None is an empty success reply
@@ -72,6 +76,8 @@ _F_UNLCK = 2
 _EARLY_INTERRUPTS = 1024
 _MALFORMED_LOG_BURST = 10  # lines logged per minute at most; the rest are counted
 _MINUTE_NS = 60_000_000_000
+#: What a journal keeps of INIT: major, minor, max_readahead, the 64-bit flags word.
+_INIT_RECORD = struct.Struct("<IIIQ")
 
 
 class Outcome(NamedTuple):
@@ -164,7 +170,7 @@ def _enosys(h: P.InHeader, body: memoryview) -> object:
 
 _NOT_IMPLEMENTED = _route(_enosys, lambda r, ctx: None)
 #: Handlers the session calls outside a request, or that must never wait: plain methods only.
-_PLAIN_ONLY = ("init", "destroy", "status", "forget")
+_PLAIN_ONLY = ("init", "destroy", "status", "forget", "persist", "restore")
 
 
 _HANDLERS = sorted(name for name, value in vars(Operations).items() if callable(value) and name[0] != "_")
@@ -223,6 +229,8 @@ class Dispatcher:
         self._next_notify = 0
         self._log_window = (0, 0)  # (minute it counts, lines logged in it)
         self._replying, self._silent = self._build_tables(frozenset(awaited))
+        #: Under a supervisor: where the INIT request is recorded, for a successor to negotiate again.
+        self.journal: Journal | None = None
 
     # --- the request path -------------------------------------------------------------
 
@@ -418,6 +426,20 @@ class Dispatcher:
     # --- INIT -------------------------------------------------------------------------
 
     def _init(self, r: P.Init, ctx: Context) -> Body:
+        reply = self._negotiate(r)
+        if self.journal is not None:
+            self.journal.init(_INIT_RECORD.pack(r.major, r.minor, r.max_readahead, r.flags))
+        return reply
+
+    def resume(self, record: bytes) -> None:
+        """Take up a connection a predecessor negotiated: the INIT it answered (as ``journal``
+        recorded it) is negotiated again, with the same result, and not answered: the kernel
+        sends INIT once. ``on_initialized`` is not called."""
+        major, minor, readahead, flags = _INIT_RECORD.unpack(record)
+        header = P.InHeader(0, abi.Opcode.INIT, 0, 0, 0, 0, 0, 0)
+        self._negotiate(P.Init(header, major, minor, readahead, flags))
+
+    def _negotiate(self, r: P.Init) -> bytes:
         try:
             done = negotiate(r, self.fs, passthrough=self.passthrough_mode, may_pass_through=self.may_pass_through,
                              max_stack_depth=self.max_stack_depth, notifier=self.notifier)

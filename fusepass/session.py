@@ -15,18 +15,22 @@ import errno
 import functools
 import logging
 import os
+import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from . import abi
 from . import mount as mountmod
+from . import protocol as P
 from .backing import BackingRegistry
 from .device import Device
 from .dispatch import PENDING, Dispatcher, Outcome, Scratch, coroutine_handlers
+from .journal import Journal
 from .negotiate import check_passthrough_mode
 from .notify import Notifier
 from .ops import ConnectionInfo, Operations
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from .aio import InFlight, LoopRunner
+    from .supervisor import Restarts
 
 log = logging.getLogger("fusepass")
 
@@ -59,7 +64,12 @@ class Session:
     ``max_stack_depth``: 1 for backing files on ordinary filesystems, 2 when they live on
     overlayfs or another FUSE mount.
     ``device``: serve a connection mounted elsewhere (an inherited descriptor, or a mount made
-    by another program) instead of mounting; ``mountpoint`` then only names it.
+    by another program) instead of mounting; ``mountpoint`` then only names it. ``clones``:
+    descriptors of that connection made for the workers by whoever holds them (a supervisor,
+    which must keep every descriptor a server reads from: requests read from a descriptor end
+    with ECONNABORTED when its last reference is closed), instead of cloning ``device`` here.
+    ``journal``: record what a successor needs (see ``fusepass.journal``); if it holds a
+    predecessor's state, take the connection over from there instead of waiting for INIT.
 
     For a filesystem with ``async def`` handlers: ``loop``, the asyncio loop to run them on, which
     its owner runs (default: a private one on a thread of its own; see ``fusepass.aio.serve``);
@@ -71,6 +81,7 @@ class Session:
         self, fs: Operations, mountpoint: str, options: mountmod.MountOptions | None = None, *,
         threads: int = DEFAULT_THREADS, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
         device: Device | None = None, loop: asyncio.AbstractEventLoop | None = None, max_in_flight: int | None = None,
+        clones: Sequence[Device] = (), journal: Journal | None = None,
     ) -> None:
         self.passthrough_mode = check_passthrough_mode(passthrough)
         if not 1 <= max_stack_depth <= 2:
@@ -84,6 +95,10 @@ class Session:
         self.max_stack_depth = max_stack_depth
         self.debug = debug
         self.device = device
+        self.clones = list(clones)
+        self.journal = journal
+        #: Set under a supervisor: the restarts so far, for ``status``.
+        self.restarts: Restarts | None = None
         self.mount: mountmod.Mount | None = None
         self.connection_id: int | None = None
         self.registry = BackingRegistry(device)
@@ -168,9 +183,10 @@ class Session:
         self.connection_id = mountmod.connection_id(self.mountpoint)
         self._devices = [self.device]
         try:
-            self._devices += [self.device.clone() for _ in range(self.threads - 1)]
+            self._devices += self.clones or [self.device.clone() for _ in range(self.threads - 1)]
         except OSError as e:
             log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(self._devices))
+        resumed = self.journal is not None and self._take_over(self.journal)
         self._alive = len(self._devices)
         if self.in_flight is not None:
             self.in_flight.workers = len(self._devices)
@@ -182,6 +198,40 @@ class Session:
             t = threading.Thread(target=self._worker, args=(device.fd, scratch), name=f"fusepass-{i}", daemon=True)
             self._workers.append(t)
             t.start()
+        if resumed:
+            self._resend()
+
+    # --- taking over from a predecessor -----------------------------------------
+
+    def _take_over(self, journal: Journal) -> bool:
+        """Start recording in ``journal``; if a predecessor left state there, take it over
+        (before any worker reads a request: every node id and handle must mean what it meant).
+        True if this session resumes a connection."""
+        if not self.fs.persist(journal, fh_base()):
+            raise SessionError(f"{type(self.fs).__name__} cannot record its state, so it cannot be restarted")
+        self.registry.journal = journal
+        self.dispatcher.journal = journal
+        state = journal.state
+        if state.init is None:
+            return False
+        self.dispatcher.resume(state.init)
+        self.fs.restore(state)
+        self.registry.restore(state.backing, Counter(nodeid for nodeid, _ in state.files.values()))
+        self._initialized()
+        return True
+
+    def _resend(self) -> None:
+        """Have the kernel queue again every request the predecessor read and never answered
+        (they come with ``abi.UNIQUE_RESEND`` set in ``unique``, which the reply carries back)."""
+        conn = self.conn
+        if conn is None or not conn.kernel_flags & abi.InitFlag.HAS_RESEND:
+            log.warning("the kernel cannot resend requests (no FUSE_HAS_RESEND): those the previous server "
+                        "read and never answered wait until the connection is aborted")
+            return
+        try:
+            self._send_notification(P.encode_notify(abi.NotifyCode.RESEND, b""))
+        except OSError as e:
+            log.error("FUSE_NOTIFY_RESEND failed: %s", e)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until INIT has been answered (the mount can be used); False on timeout.
@@ -246,6 +296,8 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self.journal is not None and self._workers and not self._finished.is_set():
+            return  # supervised, and the connection lives on: everything it holds is the successor's
         if self._workers and not self._finished.is_set():  # no workers: start() failed, nothing to wait for
             self.stop()
             if not self._finished.wait(5):
@@ -374,6 +426,12 @@ class Session:
                 f.write(str(conn.max_pages * abi.PAGE_SIZE // 1024))
         except OSError as e:
             log.debug("cannot raise readahead through %s: %s", path, e)
+
+
+def fh_base() -> int:
+    """Where the descriptors of open files start under a supervisor: half the descriptor limit,
+    above everything else a server opens, so that a successor finds their numbers free."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
 
 
 def deliver(fd: int, outcome: Outcome) -> None:

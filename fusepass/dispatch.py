@@ -30,6 +30,7 @@ import enum
 import errno
 import inspect
 import logging
+import os
 import struct
 import threading
 import time
@@ -76,6 +77,11 @@ _F_UNLCK = 2
 _EARLY_INTERRUPTS = 1024
 _MALFORMED_LOG_BURST = 10  # lines logged per minute at most; the rest are counted
 _MINUTE_NS = 60_000_000_000
+#: Requests that change the namespace or attributes in a way that cannot simply be done twice.
+_CHANGES = frozenset({
+    abi.Opcode.MKDIR, abi.Opcode.MKNOD, abi.Opcode.SYMLINK, abi.Opcode.LINK, abi.Opcode.CREATE, abi.Opcode.UNLINK,
+    abi.Opcode.RMDIR, abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.SETXATTR, abi.Opcode.REMOVEXATTR,
+})
 #: What a journal keeps of INIT: major, minor, max_readahead, the 64-bit flags word.
 _INIT_RECORD = struct.Struct("<IIIQ")
 
@@ -266,7 +272,9 @@ class Dispatcher:
         parse, ask, answer, awaited = self._replying.get(opcode, _NOT_IMPLEMENTED)
         if awaited:
             return self._start(message, h, body, ctx, parse, ask, answer, scratch, t0)
+        in_doubt = self.journal is not None and opcode in _CHANGES and self._begin_change(h.unique)
         err = 0
+        r = None
         try:
             r = parse(h, body)
             out = ask(r, ctx) if answer is None else answer(r, ctx, ask(r, ctx))
@@ -274,7 +282,11 @@ class Dispatcher:
                 out = b""
             reply: Sequence[P.Buffer] = (_pack_out_header(16 + len(out), 0, h.unique), out)
         except OSError as e:
-            reply, err = self._refusal(h, e)
+            done = self._made_already(h, r, ctx, e) if in_doubt else None
+            if done is not None:
+                reply = (_pack_out_header(16 + len(done), 0, h.unique), done)
+            else:
+                reply, err = self._refusal(h, e)
         except P.ProtocolError as e:
             with lock:
                 inflight.pop(h.unique, None)
@@ -290,6 +302,40 @@ class Dispatcher:
         if self._trace is not None:
             self._trace(self._describe(message, reply, elapsed))
         return _new_tuple(Outcome, (reply, ctx.undo, self._on_initialized if opcode == abi.Opcode.INIT else None))
+
+    # --- requests a predecessor may have carried out -------------------------------------
+
+    def _begin_change(self, unique: int) -> bool:
+        """Record that a change is about to be made for request ``unique``; True if a predecessor
+        began it already (the kernel resent it after a restart: it may be done)."""
+        assert self.journal is not None
+        first = unique & ~abi.UNIQUE_RESEND
+        in_doubt = first != unique and self.journal.in_doubt(first)
+        self.journal.intent(first)
+        return in_doubt
+
+    def _made_already(self, h: P.InHeader, r: object, ctx: Context, e: OSError) -> bytes | None:
+        """The reply to a resent change a predecessor began, if the error says it got as far as
+        making it: the name it created is there (EEXIST), or the name it removed or moved is gone
+        (ENOENT). None: the error stands. The caller sees the change succeed, as it did."""
+        O = abi.Opcode
+        op, err, fs = h.opcode, e.errno, self.fs
+        try:
+            if err == errno.EEXIST and isinstance(r, P.Mkdir | P.Mknod | P.Symlink):
+                return self._entry_body(r, ctx, fs.lookup(ctx, h.nodeid, r.name))
+            if err == errno.EEXIST and isinstance(r, P.Link):
+                return self._entry_body(r, ctx, fs.lookup(ctx, h.nodeid, r.newname))
+            if err == errno.EEXIST and isinstance(r, P.Create) and op == O.CREATE:
+                entry = fs.lookup(ctx, h.nodeid, r.name)
+                opened = fs.open(ctx, entry.nodeid, r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+                return bytes(self._created(r, ctx, (entry, opened)) or b"")
+            if err == errno.ENOENT and op in (O.UNLINK, O.RMDIR, O.RENAME, O.RENAME2):
+                return b""
+            if (err, op) in ((errno.EEXIST, O.SETXATTR), (errno.ENODATA, O.REMOVEXATTR)):
+                return b""
+        except OSError:
+            return None
+        return None
 
     def _refusal(self, h: P.InHeader, e: OSError) -> tuple[Sequence[P.Buffer], int]:
         """The reply to a handler's OSError, and the errno to count (0 for a negative entry:

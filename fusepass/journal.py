@@ -19,6 +19,7 @@ import os
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 MAGIC = b"FPJ1"
@@ -31,7 +32,9 @@ _RELEASE = struct.Struct("<QB")  # fh, is a directory
 _BACKING = struct.Struct("<Qi")  # nodeid, backing id
 _ID = struct.Struct("<Q")
 
-INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED = range(1, 9)
+INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT = range(1, 10)
+#: Changes begun that are remembered (the kernel's uniques never repeat: only the latest matter).
+KEEP_INTENTS = 4096
 #: The log is compacted when it is this many times the size of the live state (and at least MIN_COMPACT).
 COMPACT_RATIO = 4
 MIN_COMPACT = 1 << 20
@@ -47,6 +50,9 @@ class State:
     dirs: dict[int, int] = field(default_factory=dict)  # fh -> nodeid
     backing: dict[int, int] = field(default_factory=dict)  # nodeid -> backing id
     max_nodeid: int = 0  # the highest node id ever handed out: never reused
+    #: Requests (by unique, without the resend bit) whose change was begun: if one comes again,
+    #: resent, its change may have been made already.
+    intents: OrderedDict[int, None] = field(default_factory=OrderedDict)
 
     def apply(self, kind: int, payload: bytes) -> None:
         if kind == NODE:
@@ -76,6 +82,10 @@ class State:
             self.backing[nodeid] = backing_id
         elif kind == UNBACKED:
             self.backing.pop(_ID.unpack(payload)[0], None)
+        elif kind == INTENT:
+            self.intents[_ID.unpack(payload)[0]] = None
+            if len(self.intents) > KEEP_INTENTS:
+                self.intents.popitem(last=False)
         elif kind == INIT:
             self.init = payload
 
@@ -96,6 +106,7 @@ class State:
             out.append((OPEN, _OPEN.pack(fh, nodeid, 0, 1)))
         for nodeid, backing_id in self.backing.items():
             out.append((BACKING, _BACKING.pack(nodeid, backing_id)))
+        out += [(INTENT, _ID.pack(unique)) for unique in self.intents]
         return out
 
 
@@ -176,6 +187,14 @@ class Journal:
 
     def unbacked(self, nodeid: int) -> None:
         self._append(UNBACKED, _ID.pack(nodeid))
+
+    def intent(self, unique: int) -> None:
+        """A change (a creation, removal, rename) is about to be made for request ``unique``."""
+        self._append(INTENT, _ID.pack(unique))
+
+    def in_doubt(self, unique: int) -> bool:
+        """Whether a predecessor began the change of request ``unique`` (without the resend bit)."""
+        return unique in self.state.intents
 
     def _append(self, kind: int, payload: bytes) -> None:
         record = _record(kind, payload)

@@ -116,7 +116,7 @@ class BackingRegistry:
                 backing_id = backing.get(ino)
                 self._inodes[ino] = _InodeState(
                     opens=count, backing=BackingId(self.device, backing_id) if backing_id else None)
-            for ino, backing_id in backing.items():
+            for ino, backing_id in list(backing.items()):
                 if ino not in opens:  # registered, but the open that did it never reached the kernel
                     _close(BackingId(self.device, backing_id))
                     if self.journal is not None:

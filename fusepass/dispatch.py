@@ -235,8 +235,11 @@ class Dispatcher:
         self._next_notify = 0
         self._log_window = (0, 0)  # (minute it counts, lines logged in it)
         self._replying, self._silent = self._build_tables(frozenset(awaited))
-        #: Under a supervisor: where the INIT request is recorded, for a successor to negotiate again.
+        #: Under a supervisor: where the INIT request is recorded, for a successor to negotiate again;
+        #: requests the kernel resent after a restart, and changes among them found made already.
         self.journal: Journal | None = None
+        self.resent = 0
+        self.made_already = 0
 
     # --- the request path -------------------------------------------------------------
 
@@ -272,7 +275,11 @@ class Dispatcher:
         parse, ask, answer, awaited = self._replying.get(opcode, _NOT_IMPLEMENTED)
         if awaited:
             return self._start(message, h, body, ctx, parse, ask, answer, scratch, t0)
-        in_doubt = self.journal is not None and opcode in _CHANGES and self._begin_change(h.unique)
+        in_doubt = False
+        if self.journal is not None:  # supervised: count what the kernel resent, record changes begun
+            if h.unique & abi.UNIQUE_RESEND:
+                self.resent += 1
+            in_doubt = opcode in _CHANGES and self._begin_change(h.unique)
         err = 0
         r = None
         try:
@@ -284,6 +291,7 @@ class Dispatcher:
         except OSError as e:
             done = self._made_already(h, r, ctx, e) if in_doubt else None
             if done is not None:
+                self.made_already += 1
                 reply = (_pack_out_header(16 + len(done), 0, h.unique), done)
             else:
                 reply, err = self._refusal(h, e)
@@ -336,6 +344,32 @@ class Dispatcher:
         except OSError:
             return None
         return None
+
+    def _drop_undelivered(self, h: P.InHeader, ctx: Context) -> None:
+        """A resent open: whatever a predecessor opened for it never reached the kernel (or it
+        would not be resent), which will never release it: release it here."""
+        if self.journal is None or not h.unique & abi.UNIQUE_RESEND:
+            return
+        for fh, nodeid, is_dir in self.journal.opens_of(h.unique & ~abi.UNIQUE_RESEND):
+            try:
+                if is_dir:
+                    self.fs.releasedir(ctx, nodeid, fh)
+                else:
+                    self.fs.release(ctx, nodeid, fh, 0)
+            except OSError as e:
+                log.debug("releasing an undelivered open: %s", e)
+            if not is_dir:
+                self.registry.release(nodeid)
+
+    def _released_already(self, r: P.Release, is_dir: bool) -> bool:
+        """Whether a resent release is of a handle a predecessor released already: the journal no
+        longer holds it, or holds another open under its number, opened by a request the kernel
+        sent after this release (uniques grow: a file's release is sent after its open)."""
+        if self.journal is None or not r.header.unique & abi.UNIQUE_RESEND:
+            return False
+        state = self.journal.state
+        held = state.dirs.get(r.fh) if is_dir else state.files.get(r.fh)
+        return held is None or held[-1] > r.header.unique & ~abi.UNIQUE_RESEND
 
     def _refusal(self, h: P.InHeader, e: OSError) -> tuple[Sequence[P.Buffer], int]:
         """The reply to a handler's OSError, and the errno to count (0 for a negative entry:
@@ -660,6 +694,7 @@ class Dispatcher:
         return P.open_body(fh, flags, backing_id)
 
     def _open(self, r: P.Open, ctx: Context) -> Opened:
+        self._drop_undelivered(r.header, ctx)
         ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
         return self.fs.open(ctx, r.header.nodeid, r.flags)
 
@@ -667,12 +702,14 @@ class Dispatcher:
         return self._opened_body(r.header.nodeid, opened, ctx, True)
 
     def _opendir(self, r: P.Open, ctx: Context) -> Opened:
+        self._drop_undelivered(r.header, ctx)
         return self.fs.opendir(ctx, r.header.nodeid, r.flags)
 
     def _dir_opened(self, r: P.Open, ctx: Context, opened: Opened) -> Body:
         return self._opened_body(r.header.nodeid, opened, ctx, False)
 
     def _create(self, r: P.Create, ctx: Context) -> tuple[Entry, Opened]:
+        self._drop_undelivered(r.header, ctx)
         ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
         return self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
 
@@ -694,6 +731,8 @@ class Dispatcher:
 
     def _release(self, r: P.Release, ctx: Context) -> Body:
         ino = r.header.nodeid
+        if self._released_already(r, False):
+            return None
         try:
             if r.release_flags & abi.RELEASE_FLOCK_UNLOCK and implemented(self.fs, "flock"):
                 self.fs.flock(ctx, ino, r.fh, r.lock_owner, _F_UNLCK, False)
@@ -704,6 +743,8 @@ class Dispatcher:
 
     async def _release_async(self, r: P.Release, ctx: Context) -> Body:
         ino = r.header.nodeid
+        if self._released_already(r, False):
+            return None
         flock: Callable[[Context, int, int, int, int, bool], object] = self.fs.flock
         release: Callable[[Context, int, int, int], object] = self.fs.release
         try:
@@ -748,6 +789,8 @@ class Dispatcher:
         return listing.result()
 
     def _releasedir(self, r: P.Release, ctx: Context) -> None:
+        if self._released_already(r, True):
+            return None
         return self.fs.releasedir(ctx, r.header.nodeid, r.fh)
 
     def _fsyncdir(self, r: P.Fsync, ctx: Context) -> None:

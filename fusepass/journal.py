@@ -23,11 +23,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 MAGIC = b"FPJ1"
+RESEND_BIT = 1 << 63  # abi.UNIQUE_RESEND
 _HEADER = struct.Struct("<4sQI")  # magic, generation, crc32 of the two
 _RECORD = struct.Struct("<HBI")  # payload length, kind, crc32 of kind and payload
 _NODE = struct.Struct("<QQ")  # nodeid, lookups; identity follows
 _COUNT = struct.Struct("<QQ")  # nodeid, n
-_OPEN = struct.Struct("<QQIB")  # fh, nodeid, open flags, is a directory
+_OPEN = struct.Struct("<QQIBQ")  # fh, nodeid, open flags, is a directory, the request's unique
 _RELEASE = struct.Struct("<QB")  # fh, is a directory
 _BACKING = struct.Struct("<Qi")  # nodeid, backing id
 _ID = struct.Struct("<Q")
@@ -46,8 +47,8 @@ class State:
 
     init: bytes | None = None  # the INIT request's body
     nodes: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # nodeid -> (lookups, identity)
-    files: dict[int, tuple[int, int]] = field(default_factory=dict)  # fh -> (nodeid, open flags)
-    dirs: dict[int, int] = field(default_factory=dict)  # fh -> nodeid
+    files: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # fh -> (nodeid, open flags, unique)
+    dirs: dict[int, tuple[int, int]] = field(default_factory=dict)  # fh -> (nodeid, unique)
     backing: dict[int, int] = field(default_factory=dict)  # nodeid -> backing id
     max_nodeid: int = 0  # the highest node id ever handed out: never reused
     #: Requests (by unique, without the resend bit) whose change was begun: if one comes again,
@@ -69,11 +70,11 @@ class State:
                 else:
                     del self.nodes[nodeid]
         elif kind == OPEN:
-            fh, nodeid, flags, is_dir = _OPEN.unpack(payload)
+            fh, nodeid, flags, is_dir, unique = _OPEN.unpack(payload)
             if is_dir:
-                self.dirs[fh] = nodeid
+                self.dirs[fh] = (nodeid, unique)
             else:
-                self.files[fh] = (nodeid, flags)
+                self.files[fh] = (nodeid, flags, unique)
         elif kind == RELEASE:
             fh, is_dir = _RELEASE.unpack(payload)
             (self.dirs if is_dir else self.files).pop(fh, None)
@@ -100,10 +101,10 @@ class State:
         out.append((FORGET, _COUNT.pack(self.max_nodeid, 0)))
         for nodeid, (lookups, identity) in self.nodes.items():
             out.append((NODE, _NODE.pack(nodeid, lookups) + identity))
-        for fh, (nodeid, flags) in self.files.items():
-            out.append((OPEN, _OPEN.pack(fh, nodeid, flags, 0)))
-        for fh, nodeid in self.dirs.items():
-            out.append((OPEN, _OPEN.pack(fh, nodeid, 0, 1)))
+        for fh, (nodeid, flags, unique) in self.files.items():
+            out.append((OPEN, _OPEN.pack(fh, nodeid, flags, 0, unique)))
+        for fh, (nodeid, unique) in self.dirs.items():
+            out.append((OPEN, _OPEN.pack(fh, nodeid, 0, 1, unique)))
         for nodeid, backing_id in self.backing.items():
             out.append((BACKING, _BACKING.pack(nodeid, backing_id)))
         out += [(INTENT, _ID.pack(unique)) for unique in self.intents]
@@ -176,8 +177,15 @@ class Journal:
     def forget(self, nodeid: int, n: int) -> None:
         self._append(FORGET, _COUNT.pack(nodeid, n))
 
-    def opened(self, fh: int, nodeid: int, flags: int, is_dir: bool = False) -> None:
-        self._append(OPEN, _OPEN.pack(fh, nodeid, flags & 0xFFFFFFFF, is_dir))
+    def opened(self, fh: int, nodeid: int, flags: int, unique: int, is_dir: bool = False) -> None:
+        """``unique``: the request that opened it (the resend bit is dropped)."""
+        self._append(OPEN, _OPEN.pack(fh, nodeid, flags & 0xFFFFFFFF, is_dir, unique & ~RESEND_BIT))
+
+    def opens_of(self, unique: int) -> list[tuple[int, int, bool]]:
+        """(fh, nodeid, is a directory) of what request ``unique`` opened (without the resend bit)."""
+        with self._lock:
+            files = [(fh, nodeid, False) for fh, (nodeid, _, u) in self.state.files.items() if u == unique]
+            return files + [(fh, nodeid, True) for fh, (nodeid, u) in self.state.dirs.items() if u == unique]
 
     def released(self, fh: int, is_dir: bool = False) -> None:
         self._append(RELEASE, _RELEASE.pack(fh, is_dir))

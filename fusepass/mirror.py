@@ -161,6 +161,7 @@ class Mirror(Operations):
         # fh_base and above, where a successor can reopen them under the same numbers.
         self.journal: Journal | None = None
         self.fh_base = 0
+        self._placeholders: set[int] = set()  # numbers of open files a successor could not reopen
         if watch and not self.handles:
             self.watch_why_not = ("file handles cannot be opened without CAP_DAC_READ_SEARCH, so changed files "
                                   "cannot be named")
@@ -298,9 +299,9 @@ class Mirror(Operations):
                             self._watch(inode, fd)
                     except OSError as e:
                         log.debug("a directory of the predecessor is gone: %s", e)
-        for fh, (nodeid, flags) in state.files.items():
+        for fh, (nodeid, flags, _) in state.files.items():
             self._reopen(fh, nodeid, flags)
-        for fh, nodeid in state.dirs.items():
+        for fh, (nodeid, _) in state.dirs.items():
             try:
                 with self._pinned(nodeid) as pfd:
                     fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
@@ -312,11 +313,9 @@ class Mirror(Operations):
                 self._next_dir = max(self._next_dir, fh + 1)
 
     def _reopen(self, fh: int, nodeid: int, flags: int) -> None:
-        """Open a predecessor's open file again under its number ``fh``, pinned as ``_opened`` pins."""
-        inode = self._inodes.get(nodeid)
-        if inode is None:
-            log.warning("an open file of the predecessor names node %d, which it had forgotten", nodeid)
-            return
+        """Open a predecessor's open file again under its number ``fh``, pinned as ``_opened`` pins.
+        One that cannot be reopened gets a placeholder under its number (its requests fail with
+        EBADF), so that no file opened later can take the number the kernel still uses."""
         try:
             fcntl.fcntl(fh, fcntl.F_GETFD)
         except OSError:
@@ -324,19 +323,25 @@ class Mirror(Operations):
         else:
             log.warning("descriptor %d of an open file is taken; the file cannot be served", fh)
             return
+        inode = self._inodes.get(nodeid)
+        fd = -1
         try:
+            if inode is None:
+                raise OSError(errno.ESTALE, f"node {nodeid} was forgotten")
             pfd = self._acquire_fd(inode)
+            try:
+                fd = os.open(_proc(pfd), (flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
+            except BaseException:
+                self._release_fd(inode)
+                raise
         except OSError as e:
-            log.warning("an open file of the predecessor is gone (%s): its requests fail", e.strerror)
-            return
-        try:
-            fd = os.open(_proc(pfd), (flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
-        except OSError as e:
-            self._release_fd(inode)
-            log.warning("an open file of the predecessor cannot be reopened: %s", e)
+            log.warning("an open file of the predecessor cannot be reopened (%s): its requests fail", e.strerror)
+            os.dup2(self._inodes[ROOT_ID].fd, fh, inheritable=False)  # O_PATH: reads and writes fail
+            self._placeholders.add(fh)
             return
         os.dup2(fd, fh, inheritable=False)
         os.close(fd)
+        assert inode is not None
         with self._lock:
             self._files[fh] = inode
 
@@ -745,7 +750,7 @@ class Mirror(Operations):
         serve = self.killpriv_v2 and _is_sxid(mode)
         if self.journal is not None:
             fd = _move_up(fd, self.fh_base)
-            self.journal.opened(fd, inode.nodeid, flags)
+            self.journal.opened(fd, inode.nodeid, flags, ctx.unique)
         with self._lock:
             self._files[fd] = inode
             if self.passthrough and not serve and ctx.pid not in inode.openers:
@@ -825,8 +830,12 @@ class Mirror(Operations):
     def release(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
         with self._lock:
             inode = self._files.pop(fh, None)
+            placeholder = fh in self._placeholders
+            self._placeholders.discard(fh)
         if self.journal is not None:
             self.journal.released(fh)
+        if inode is None and not placeholder:
+            raise OSError(errno.EBADF, "no such open file")  # never close a number that is not its own
         os.close(fh)
         if inode is not None:
             self._release_fd(inode)
@@ -856,7 +865,7 @@ class Mirror(Operations):
             self._next_dir += 1
             self._dirs[handle_id] = _DirHandle(fd)
         if self.journal is not None:
-            self.journal.opened(handle_id, ino, 0, is_dir=True)
+            self.journal.opened(handle_id, ino, 0, ctx.unique, is_dir=True)
         # Watched, a listing stays true: the kernel may keep it (until the directory changes).
         cached = self.watcher is not None
         return Opened(fh=handle_id, cache_dir=cached, keep_cache=cached)

@@ -186,7 +186,10 @@ class Session:
             self._devices += self.clones or [self.device.clone() for _ in range(self.threads - 1)]
         except OSError as e:
             log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(self._devices))
-        resumed = self.journal is not None and self._take_over(self.journal)
+        if self.journal is not None and self._take_over(self.journal):
+            # Before any worker reads: what the kernel requeues is then exactly what the predecessor
+            # read and never answered (a request read here and requeued would be answered twice).
+            self._resend()
         self._alive = len(self._devices)
         if self.in_flight is not None:
             self.in_flight.workers = len(self._devices)
@@ -198,8 +201,6 @@ class Session:
             t = threading.Thread(target=self._worker, args=(device.fd, scratch), name=f"fusepass-{i}", daemon=True)
             self._workers.append(t)
             t.start()
-        if resumed:
-            self._resend()
 
     # --- taking over from a predecessor -----------------------------------------
 
@@ -216,7 +217,7 @@ class Session:
             return False
         self.dispatcher.resume(state.init)
         self.fs.restore(state)
-        self.registry.restore(state.backing, Counter(nodeid for nodeid, _ in state.files.values()))
+        self.registry.restore(state.backing, Counter(nodeid for nodeid, _, _ in state.files.values()))
         self._initialized()
         return True
 

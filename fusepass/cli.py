@@ -8,6 +8,7 @@ import json
 import logging
 import logging.handlers
 import os
+import resource
 import select
 import shutil
 import signal
@@ -166,6 +167,8 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         raise UsageError(str(e)) from None
     fs_options = _mirror_options(extra)
     depth = fs_options.pop("max_stack_depth", None)
+    if args.supervise:
+        _check_descriptor_room(int(fs_options.get("max_path_fds", 8192)))
     rules, audit_path = _policy(args)
     if args.log:
         _writable(args.log, "log")
@@ -184,6 +187,19 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         depth = 2 if stacked_source(source) else 1
     _warn_if_not_empty(mnt)
     return _Plan(mnt, options, make_fs, int(depth), args)
+
+
+def _check_descriptor_room(max_path_fds: int) -> None:
+    """Under a supervisor open files' descriptors live in the upper half of the descriptor limit
+    (``session.fh_base``): the cached ones, and the rest, must fit below it."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if max_path_fds + _OTHER_DESCRIPTORS > hard // 2:
+        raise UsageError(f"--supervise needs max_path_fds ({max_path_fds}) + {_OTHER_DESCRIPTORS} below half the "
+                         f"descriptor limit ({hard}): lower max_path_fds or raise the limit (ulimit -Hn)")
+
+
+#: Descriptors a server holds besides its cached O_PATH ones and its open files (a generous bound).
+_OTHER_DESCRIPTORS = 1024
 
 
 def _writable(path: str, what: str) -> None:
@@ -526,7 +542,7 @@ _FSTAB_ONLY = ("defaults", "auto", "noauto", "user", "users", "nouser", "owner",
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     """``mount.fuse.fusepass SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``: what mount(8) runs for
     ``mount -t fuse.fusepass`` and fstab lines. fusepass's own options ``passthrough=auto|on|off``,
-    ``threads=N``, ``debug``, ``log=FILE``, ``rules=FILE``, ``audit_log=FILE``, ``hide=GLOB`` and
+    ``threads=N``, ``debug``, ``supervise``, ``log=FILE``, ``rules=FILE``, ``audit_log=FILE``, ``hide=GLOB`` and
     ``read_only=GLOB`` may be given with -o."""
     parser = OneLineParser(prog="mount.fuse.fusepass", description="What mount(8) runs for fuse.fusepass.")
     parser.add_argument("source", help="the directory to mirror")
@@ -547,8 +563,8 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
             continue
         if key in ("passthrough", "threads", "log", "rules", "audit_log", "hide", "read_only") and value:
             extra += [f"--{key.replace('_', '-')}", value]
-        elif key == "debug" and not value:
-            extra.append("--debug")
+        elif key in ("debug", "supervise") and not value:
+            extra.append(f"--{key}")
         else:
             passed.append(item)
     return main(["mount", args.source, args.mountpoint, *extra] + (["-o", ",".join(passed)] if passed else []))

@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, mirror_argv, poll_until
+from conftest import ServerProcess, fusepass_cli, mirror_argv, poll_until, stop_background
 
 from fusepass import control
+from fusepass.cli import wait_for_exit
 
 pytestmark = pytest.mark.timeout(180)
 
 BLOCK = 4096
 KILLS = 5
+
+
+def answering_pid(mnt: Path) -> int | None:
+    """The pid of the server answering ``status``; None between servers."""
+    try:
+        return int(control.query(str(mnt))["pid"])
+    except OSError:
+        return None
 
 
 class Supervised:
@@ -40,10 +49,7 @@ class Supervised:
         return control.query(str(self.mnt))
 
     def server_pid(self) -> int | None:
-        try:
-            return int(self.status()["pid"])
-        except OSError:
-            return None  # between servers
+        return answering_pid(self.mnt)
 
     def kill_server(self) -> int:
         """SIGKILL the server; return the pid of the one that replaced it, once it answers."""
@@ -225,3 +231,36 @@ def test_nothing_leaks_across_restarts(supervised: Supervised) -> None:
 
     poll_until(leftovers, lambda v: v == (0, 0), "every release reached the server")
     assert supervised.status()["restarts"]["count"] == 2
+
+
+def test_background_mount_status_and_umount(tmp_path: Path) -> None:
+    """``fusepass mount --supervise`` in the background: ``status`` tells the restarts, ``umount``
+    stops the server and its supervisor."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "f").write_text("kept\n")
+    assert fusepass_cli("mount", "--supervise", str(src), str(mnt)).returncode == 0
+    pids: set[int] = set()
+    try:
+        st = control.query(str(mnt))
+        supervisor = int(st["restarts"]["supervisor_pid"])
+        pids.add(int(st["pid"]))
+        with open(mnt / "f") as held:
+            os.kill(int(st["pid"]), signal.SIGKILL)
+            assert held.read() == "kept\n"
+            assert (mnt / "f").read_text() == "kept\n"
+        new = poll_until(lambda: answering_pid(mnt), lambda pid: pid not in (None, *pids), "a new server answers")
+        pids.add(int(new))
+        text = fusepass_cli("status", str(mnt)).stdout
+        assert f"supervised by pid {supervisor}; restarts: 1 (last " in text and "killed by SIGKILL" in text
+        r = fusepass_cli("umount", str(mnt))
+        assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+        assert wait_for_exit(supervisor, 10)
+    finally:
+        stop_background(mnt)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

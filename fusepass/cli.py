@@ -167,6 +167,8 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         raise UsageError(str(e)) from None
     fs_options = _mirror_options(extra)
     depth = fs_options.pop("max_stack_depth", None)
+    if args.deadline is not None and not args.supervise:
+        raise UsageError("--deadline needs --supervise")
     if args.supervise:
         _check_descriptor_room(int(fs_options.get("max_path_fds", 8192)))
     rules, audit_path = _policy(args)
@@ -187,6 +189,17 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         depth = 2 if stacked_source(source) else 1
     _warn_if_not_empty(mnt)
     return _Plan(mnt, options, make_fs, int(depth), args)
+
+
+def _seconds(text: str) -> float:
+    """``--deadline``: a number of seconds from 0.1 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0.1 to 86400, not {text!r}")
+    return value
 
 
 def _check_descriptor_room(max_path_fds: int) -> None:
@@ -219,7 +232,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     plan = _prepare(args)
     run: Callable[[int | None], int]
     if args.supervise:
-        supervisor = Supervisor(plan.mountpoint, plan.options, args.threads, plan.serve_supervised)
+        supervisor = Supervisor(plan.mountpoint, plan.options, args.threads, plan.serve_supervised,
+                                deadline=args.deadline)
         run = supervisor.run
     else:
         session = plan.session()
@@ -491,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--supervise", action="store_true",
                    help="keep the mount in a supervisor process that starts a new server when the server dies "
                         "(a signal, an exception, an out-of-memory kill): callers see no error")
+    m.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="with --supervise: replace a server that leaves requests waiting this long without "
+                        "making progress (stopped, deadlocked, stuck); default: never")
     m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                    help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
                         "on (fail if it cannot be had) or off (serve reads and writes from Python)")

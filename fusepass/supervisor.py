@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import resource
+import select
 import signal
 import statistics
 import time
@@ -31,6 +32,7 @@ from types import FrameType
 from . import journal as journalmod
 from . import mount as mountmod
 from .device import Device
+from .stall import Stall
 
 log = logging.getLogger("fusepass")
 
@@ -80,13 +82,18 @@ def describe_exit(status: int) -> str:
 
 class Supervisor:
     """Mount ``options`` at ``mountpoint`` with ``threads`` descriptors and serve it with
-    ``server`` in a child, restarted whenever it dies; ``run`` returns an exit status."""
+    ``server`` in a child, restarted whenever it dies; ``run`` returns an exit status.
+    ``deadline``: seconds a server may leave requests waiting without progress before it is
+    killed and replaced (``fusepass.stall``); None: never."""
 
-    def __init__(self, mountpoint: str, options: mountmod.MountOptions, threads: int, server: ServerMain) -> None:
+    def __init__(self, mountpoint: str, options: mountmod.MountOptions, threads: int, server: ServerMain,
+                 deadline: float | None = None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.options = options
         self.threads = threads
         self.server = server
+        self.deadline = deadline
+        self.connection: int | None = None
         self.child: int | None = None
         self.restarts = Restarts(os.getpid())
 
@@ -98,6 +105,9 @@ class Supervisor:
             _report(ready_fd, f"{e.strerror or e}")
             return 1
         devices = [mount.device]
+        self.connection = mountmod.connection_id(self.mountpoint)
+        if self.deadline is not None:
+            mountmod.ensure_fusectl()
         try:
             devices += [mount.device.clone() for _ in range(self.threads - 1)]
         except OSError as e:
@@ -116,12 +126,12 @@ class Supervisor:
         while True:
             started = time.monotonic_ns()
             pid, ready = self._start(devices, files, ready_fd if first else None)
-            _, status = os.waitpid(pid, 0)
+            status, hung = self._wait(pid)
             died = time.monotonic_ns()
             self.child = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 return 0  # the connection ended
-            cause = describe_exit(status)
+            cause = hung or describe_exit(status)
             quick = 0 if ready else quick + 1
             if first and not ready or quick >= QUICK_FAILURES:
                 log.error("the server of %s failed (%s) before it served; giving the mount up",
@@ -165,6 +175,24 @@ class Supervisor:
         if ready_fd is not None:
             _report(ready_fd, line.decode(errors="replace").strip() or "the server exited before the mount was ready")
         return pid, ready
+
+    def _wait(self, pid: int) -> tuple[int, str | None]:
+        """Wait for the server to end: (its wait status, why it was killed as hung or None)."""
+        if self.deadline is None or self.connection is None:
+            return os.waitpid(pid, 0)[1], None
+        stall = Stall(pid, self.connection, self.deadline)
+        hung = None
+        pidfd = os.pidfd_open(pid)
+        try:
+            while not select.select([pidfd], [], [], self.deadline / 4)[0]:
+                why = stall.check() if hung is None else None
+                if why is not None:
+                    hung = f"hung ({why})"
+                    log.warning("the server of %s is %s: killing it", self.mountpoint, hung)
+                    os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+        return os.waitpid(pid, 0)[1], hung
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if self.child is not None:

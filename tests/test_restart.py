@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,32 @@ def test_background_mount_status_and_umount(tmp_path: Path) -> None:
     finally:
         stop_background(mnt)
         for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_stopped_server_is_replaced_within_its_deadline(start_server: Callable[..., ServerProcess],
+                                                          tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("answered\n")
+    s = Supervised(start_server(mirror_argv(src, "--supervise", "--deadline", "1", "-o", "timeout=0")), src)
+    try:
+        old = s.server_pid()
+        assert old is not None
+        os.kill(old, signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert (s.mnt / "f").read_text() == "answered\n"  # waits for the server that replaced it
+        waited = time.monotonic() - t0
+        s.pids.add(s.server_pid() or old)
+        assert 1 <= waited < 5, waited
+        restarts = s.status()["restarts"]
+        assert restarts["count"] == 1 and restarts["last_cause"].startswith("hung (no progress for "), restarts
+    finally:
+        s.server.cleanup()
+        for pid in s.pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

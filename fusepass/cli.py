@@ -137,7 +137,7 @@ class _Plan:
     def session(self, **kw: Any) -> Session:
         a = self.args
         return Session(self.make_fs(), self.mountpoint, self.options, threads=a.threads, passthrough=a.passthrough,
-                       max_stack_depth=self.max_stack_depth, debug=a.debug, **kw)
+                       max_stack_depth=self.max_stack_depth, debug=a.debug, request_timeout=a.request_timeout, **kw)
 
     def serve_supervised(self, devices: list[Device], files: tuple[int, int], restarts: Restarts,
                          ready_fd: int) -> int:
@@ -200,6 +200,13 @@ def _seconds(text: str) -> float:
     if not 0.1 <= value <= 86400:
         raise argparse.ArgumentTypeError(f"must be a number of seconds from 0.1 to 86400, not {text!r}")
     return value
+
+
+def _timeout(text: str) -> int:
+    """``--request-timeout``: whole seconds from 1 to 65535 (the kernel's field is 16 bits)."""
+    if not text.isdigit() or not 1 <= int(text) <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds from 1 to 65535, not {text!r}")
+    return int(text)
 
 
 def _check_descriptor_room(max_path_fds: int) -> None:
@@ -505,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--supervise", action="store_true",
                    help="keep the mount in a supervisor process that starts a new server when the server dies "
                         "(a signal, an exception, an out-of-memory kill): callers see no error")
+    m.add_argument("--request-timeout", type=_timeout, default=0, metavar="SECONDS",
+                   help="have the kernel abort the connection (callers get ENOTCONN) when a request stays "
+                        "unanswered this long (FUSE_REQUEST_TIMEOUT, Linux 6.14+; checked every 15 s or so)")
     m.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
                    help="with --supervise: replace a server that leaves requests waiting this long without "
                         "making progress (stopped, deadlocked, stuck); default: never")

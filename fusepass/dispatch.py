@@ -195,7 +195,8 @@ class Dispatcher:
     ``Notifier`` the filesystem gets in ``init``). ``may_pass_through``: whether this process
     can use the backing ioctls (CAP_SYS_ADMIN). ``clock``: nanoseconds, for latencies and log
     rate limits. ``trace``: called with one line per request when debugging.
-    ``on_initialized``: called once the INIT reply has been written. ``runner``: where coroutine
+    ``on_initialized``: called once the INIT reply has been written. ``request_timeout``: seconds
+    after which the kernel aborts the connection if a request stays unanswered (0: never). ``runner``: where coroutine
     handlers run; required if ``fs`` has any (``coroutine_handlers``).
     """
 
@@ -203,6 +204,7 @@ class Dispatcher:
         self, fs: Operations, *, registry: BackingRegistry | None = None,
         send_notification: Callable[[bytes], object] | None = None, passthrough: PassthroughMode = "auto",
         may_pass_through: bool = False, max_stack_depth: int = 1, clock: Callable[[], int] = time.monotonic_ns,
+        request_timeout: int = 0,
         trace: Callable[[str], None] | None = None, on_initialized: Callable[[], None] | None = None,
         runner: Runner | None = None,
     ) -> None:
@@ -221,6 +223,7 @@ class Dispatcher:
         self.passthrough_mode: PassthroughMode = passthrough
         self.may_pass_through = may_pass_through
         self.max_stack_depth = max_stack_depth
+        self.request_timeout = request_timeout
         self.parser = P.Parser()
         self.notifier = Notifier(send_notification or _not_connected, self)
         self.conn: ConnectionInfo | None = None
@@ -522,7 +525,8 @@ class Dispatcher:
     def _negotiate(self, r: P.Init) -> bytes:
         try:
             done = negotiate(r, self.fs, passthrough=self.passthrough_mode, may_pass_through=self.may_pass_through,
-                             max_stack_depth=self.max_stack_depth, notifier=self.notifier)
+                             max_stack_depth=self.max_stack_depth, notifier=self.notifier,
+                             request_timeout=self.request_timeout)
         except NegotiationError as e:
             self.failure = e.strerror
             log.error("%s", self.failure)

@@ -563,6 +563,9 @@ class ConnectionInfo:
     max_background: int = 64
     congestion_threshold: int = 48
     notifier: Notifier | None = None
+    #: Seconds after which the kernel aborts the connection if a request is still unanswered
+    #: (FUSE_REQUEST_TIMEOUT, protocol 7.43); 0: never. Honoured only where the kernel offers it.
+    request_timeout: int = 0
 
 
 def implemented(fs: Operations, name: str) -> bool:

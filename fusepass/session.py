@@ -70,6 +70,8 @@ class Session:
     with ECONNABORTED when its last reference is closed), instead of cloning ``device`` here.
     ``journal``: record what a successor needs (see ``fusepass.journal``); if it holds a
     predecessor's state, take the connection over from there instead of waiting for INIT.
+    ``request_timeout``: have the kernel abort the connection when a request stays unanswered
+    this many seconds (FUSE_REQUEST_TIMEOUT, where offered; 0: never), the last line of defence.
 
     For a filesystem with ``async def`` handlers: ``loop``, the asyncio loop to run them on, which
     its owner runs (default: a private one on a thread of its own; see ``fusepass.aio.serve``);
@@ -81,7 +83,7 @@ class Session:
         self, fs: Operations, mountpoint: str, options: mountmod.MountOptions | None = None, *,
         threads: int = DEFAULT_THREADS, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
         device: Device | None = None, loop: asyncio.AbstractEventLoop | None = None, max_in_flight: int | None = None,
-        clones: Sequence[Device] = (), journal: Journal | None = None,
+        clones: Sequence[Device] = (), journal: Journal | None = None, request_timeout: int = 0,
     ) -> None:
         self.passthrough_mode = check_passthrough_mode(passthrough)
         if not 1 <= max_stack_depth <= 2:
@@ -93,6 +95,7 @@ class Session:
         self.options = options or mountmod.MountOptions()
         self.threads = threads
         self.max_stack_depth = max_stack_depth
+        self.request_timeout = request_timeout
         self.debug = debug
         self.device = device
         self.clones = list(clones)
@@ -129,6 +132,7 @@ class Session:
             passthrough=self.passthrough_mode, may_pass_through=mountmod.has_cap_sys_admin(),
             max_stack_depth=self.max_stack_depth, on_initialized=self._initialized,
             trace=(lambda line: log.debug("%s", line)) if self.debug else None, runner=self.runner,
+            request_timeout=self.request_timeout,
         )
 
     def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:

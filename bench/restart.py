@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fusepass import control
 from fusepass import mount as mountmod
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +34,19 @@ REPO = Path(__file__).resolve().parent.parent
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
+
+
+def ready_server(mnt: Path, old: int) -> None:
+    """Wait until a server other than ``old`` answers ``status`` (it then counts as ready)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if control.query(str(mnt))["pid"] != old:
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise TimeoutError("no new server became ready")
 
 
 def recovery(kills: int, files: int) -> list[float]:
@@ -63,6 +77,7 @@ def recovery(kills: int, files: int) -> list[float]:
                 os.close(pidfd)
                 os.stat(mnt / f"f{k % files}")
                 times.append((time.monotonic() - t0) * 1000)
+                ready_server(mnt, server)  # before the next kill: one killed before it is ready counts as failing
             return times
         finally:
             os.close(r)

@@ -280,7 +280,8 @@ def test_a_stopped_server_is_replaced_within_its_deadline(start_server: Callable
         t0 = time.monotonic()
         assert (s.mnt / "f").read_text() == "answered\n"  # waits for the server that replaced it
         waited = time.monotonic() - t0
-        s.pids.add(s.server_pid() or old)
+        # It serves before its status socket is up.
+        s.pids.add(poll_until(s.server_pid, lambda pid: pid not in (None, old), "the new server answers status"))
         restarts = s.status()["restarts"]
         assert 1 <= waited < 10, (waited, restarts, s.server.log())
         assert restarts["count"] == 1 and restarts["last_cause"].startswith("hung (no progress for "), \

@@ -13,9 +13,14 @@ from __future__ import annotations
 import errno
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .device import BackingDevice, BackingError, BackingId
+
+if TYPE_CHECKING:
+    from .journal import Journal
 
 
 @dataclass(slots=True)
@@ -40,6 +45,8 @@ class BackingRegistry:
         self._inodes: dict[int, _InodeState] = {}
         self.passthrough_opens = 0
         self.served_opens: Counter[str] = Counter()
+        #: Under a supervisor: where registrations are recorded for a successor.
+        self.journal: Journal | None = None
 
     @property
     def available(self) -> bool:
@@ -72,6 +79,8 @@ class BackingRegistry:
                 try:
                     st.backing = self.device.backing_open(fd)
                     reason = None
+                    if self.journal is not None:
+                        self.journal.backing(ino, st.backing.id)
                 except BackingError as e:
                     reason = st.served_because = f"{errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror}"
             st.opens += 1
@@ -94,7 +103,25 @@ class BackingRegistry:
             if not st.served_because:
                 del self._inodes[ino]
             if backing is not None:
+                if self.journal is not None:
+                    self.journal.unbacked(ino)
                 _close(backing)
+
+    def restore(self, backing: Mapping[int, int], opens: Mapping[int, int]) -> None:
+        """Take over a predecessor's registrations (``backing``: inode -> backing id) and how many
+        opens of each inode the kernel holds. An inode open without an id stays served."""
+        if self.device is None:
+            return
+        with self._lock:
+            for ino, count in opens.items():
+                backing_id = backing.get(ino)
+                self._inodes[ino] = _InodeState(
+                    opens=count, backing=BackingId(self.device, backing_id) if backing_id else None)
+            for ino, backing_id in list(backing.items()):
+                if ino not in opens:  # registered, but the open that did it never reached the kernel
+                    _close(BackingId(self.device, backing_id))
+                    if self.journal is not None:
+                        self.journal.unbacked(ino)
 
     def forget(self, ino: int) -> None:
         """Drop what is remembered about ``ino`` (a sticky served reason) once nothing has it open."""

@@ -8,25 +8,30 @@ import json
 import logging
 import logging.handlers
 import os
+import resource
 import select
 import shutil
 import signal
 import stat
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import control, policy
 from . import mount as mountmod
 from .audit import AuditLog
-from .mirror import Mirror
+from .device import Device
+from .journal import Journal
+from .mirror import Mirror, stacked_source
 from .mount import MountError, MountOptions
 from .negotiate import PASSTHROUGH_MODES
 from .policy import Policy, RuleError, rules_from_toml
 from .policy_mirror import PolicyMirror
 from .serve import USAGE, OneLineParser, describe, parse_mount_options, serve, thread_count
 from .session import DEFAULT_THREADS, Session, SessionError
-from .uring_transport import take_options
+from .supervisor import Restarts, Supervisor
+from .uring_transport import UringOptions, take_options
 
 PROG = "fusepass"
 MAX_TIMEOUT = 365 * 86400  # seconds: a year; the kernel would take more, no operator means it
@@ -119,7 +124,35 @@ def _policy(args: argparse.Namespace) -> tuple[Policy, str | None]:
     return Policy(rules), args.audit_log or audit_path
 
 
-def _prepare(args: argparse.Namespace) -> Session:
+@dataclass(slots=True)
+class _Plan:
+    """A checked ``mount`` command: where, with which options, and how to make its filesystem
+    (once, or in every server a supervisor starts)."""
+
+    mountpoint: str
+    options: MountOptions
+    make_fs: Callable[[], Mirror]
+    max_stack_depth: int
+    uring: UringOptions
+    args: argparse.Namespace
+
+    def session(self, **kw: Any) -> Session:
+        a = self.args
+        # A supervised server serves through /dev/fuse: rings die with the server that made them.
+        io_uring = False if a.supervise else self.uring.enabled
+        return Session(self.make_fs(), self.mountpoint, self.options, threads=a.threads, passthrough=a.passthrough,
+                       max_stack_depth=self.max_stack_depth, debug=a.debug, request_timeout=a.request_timeout,
+                       io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
+
+    def serve_supervised(self, devices: list[Device], files: tuple[int, int], restarts: Restarts,
+                         ready_fd: int) -> int:
+        """One server under the supervisor (``supervisor.ServerMain``)."""
+        session = self.session(device=devices[0], clones=devices[1:], journal=Journal(files))
+        session.restarts = restarts
+        return serve(session, ready_fd, PROG, on_ready=_on_ready)
+
+
+def _prepare(args: argparse.Namespace) -> _Plan:
     source = os.path.abspath(args.source)
     if not os.path.exists(source):
         raise UsageError(f"source {source} does not exist")
@@ -143,22 +176,62 @@ def _prepare(args: argparse.Namespace) -> Session:
         raise UsageError(str(e)) from None
     fs_options = _mirror_options(extra)
     depth = fs_options.pop("max_stack_depth", None)
+    if args.deadline is not None and not args.supervise:
+        raise UsageError("--deadline needs --supervise")
+    if args.supervise:
+        _check_descriptor_room(int(fs_options.get("max_path_fds", 8192)))
+        if uring.enabled:
+            raise UsageError("--supervise cannot be combined with -o io_uring yet: the rings die with the "
+                             "server that made them")
     rules, audit_path = _policy(args)
     if args.log:
         _writable(args.log, "log")
-    audit = None
     if audit_path:
         try:
-            audit = AuditLog(audit_path)
+            AuditLog(audit_path).close()
         except OSError as e:
             raise UsageError(f"cannot open the audit log {audit_path}: {describe(e)}") from None
-    fs = (PolicyMirror(source, rules, audit, **fs_options) if rules or audit
-          else Mirror(source, **fs_options))  # type: ignore[arg-type]
+
+    def make_fs() -> Mirror:
+        audit = AuditLog(audit_path) if audit_path else None
+        return (PolicyMirror(source, rules, audit, **fs_options) if rules or audit
+                else Mirror(source, **fs_options))  # type: ignore[arg-type]
+
     if depth is None:
-        depth = 2 if fs.stacked else 1
+        depth = 2 if stacked_source(source) else 1
     _warn_if_not_empty(mnt)
-    return Session(fs, mnt, options, threads=args.threads, passthrough=args.passthrough,
-                   max_stack_depth=int(depth), debug=args.debug, io_uring=uring.enabled, io_uring_depth=uring.depth)
+    return _Plan(mnt, options, make_fs, int(depth), uring, args)
+
+
+def _seconds(text: str) -> float:
+    """``--deadline``: a number of seconds from 0.1 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0.1 to 86400, not {text!r}")
+    return value
+
+
+def _timeout(text: str) -> int:
+    """``--request-timeout``: whole seconds from 1 to 65535 (the kernel's field is 16 bits)."""
+    if not text.isdigit() or not 1 <= int(text) <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds from 1 to 65535, not {text!r}")
+    return int(text)
+
+
+def _check_descriptor_room(max_path_fds: int) -> None:
+    """Under a supervisor open files' descriptors live in the upper half of the descriptor limit
+    (``session.fh_base``): the cached ones, and the rest, must fit below it."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if max_path_fds + _OTHER_DESCRIPTORS > hard // 2:
+        raise UsageError(f"--supervise needs max_path_fds ({max_path_fds}) + {_OTHER_DESCRIPTORS} below half the "
+                         f"descriptor limit ({hard}): lower max_path_fds or raise the limit (ulimit -Hn)")
+
+
+#: Descriptors a server holds besides its cached O_PATH ones and its open files (a generous bound).
+_OTHER_DESCRIPTORS = 1024
 
 
 def _writable(path: str, what: str) -> None:
@@ -175,10 +248,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not mountmod.has_cap_sys_admin() and mountmod.fusermount_path() is None:
         raise MountError(errno.EPERM,
                          "mounting needs root (CAP_SYS_ADMIN) or the fusermount3 helper (Debian package fuse3)")
-    session = _prepare(args)
-    on_ready = _reopen_on_hangup(session.fs)
+    plan = _prepare(args)
+    run: Callable[[int | None], int]
+    if args.supervise:
+        supervisor = Supervisor(plan.mountpoint, plan.options, args.threads, plan.serve_supervised,
+                                deadline=args.deadline)
+        run = supervisor.run
+    else:
+        session = plan.session()
+
+        def run(ready_fd: int | None) -> int:
+            return serve(session, ready_fd, PROG, on_ready=_on_ready)
+
     if args.foreground:
-        return serve(session, args.ready_fd, PROG, on_ready=on_ready)
+        return run(args.ready_fd)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the background server
@@ -188,7 +271,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         _log_in_background(args.log, args.debug)
-        os._exit(serve(session, w, PROG, on_ready=on_ready))
+        os._exit(run(w))
     os.close(w)
     ready, _, _ = select.select([r], [], [], 60)
     message = os.read(r, 4096).decode(errors="replace") if ready else "timed out waiting for the server"
@@ -199,19 +282,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 1
 
 
-def _reopen_on_hangup(fs: object) -> Callable[[Session], None]:
-    """SIGHUP reopens the audit log (after rotation); without one it is ignored, so a hang-up of the
-    terminal never kills a server and leaves a dead mount. Installed once the server serves."""
-    audit = getattr(fs, "audit", None)
+def _on_ready(session: Session) -> None:
+    """Once the server serves: SIGHUP reopens the audit log (after rotation); without one it is
+    ignored, so a hang-up of the terminal never kills a server and leaves a dead mount. Under a
+    supervisor, the server that took over counts its recovery."""
+    audit = getattr(session.fs, "audit", None)
 
     def on_hangup(signum: int, frame: object) -> None:
         if audit is not None:
             audit.reopen()
 
-    def install(session: Session) -> None:
-        signal.signal(signal.SIGHUP, on_hangup)
-
-    return install
+    signal.signal(signal.SIGHUP, on_hangup)
+    if session.restarts is not None:
+        session.restarts.recovered()
 
 
 def _log_in_background(path: str | None, debug: bool) -> None:
@@ -240,9 +323,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UsageError(f"{mnt} is not mounted")
     if not entry[1].startswith("fuse"):
         raise UsageError(f"{mnt} is not a FUSE mount ({entry[1]})")
+    supervisor = None
     try:
-        pid: int | None = int(control.query(mnt, timeout=2)["pid"])
-    except (OSError, ValueError, KeyError):
+        st = control.query(mnt, timeout=2)
+        pid: int | None = int(st["pid"])
+        if st.get("restarts"):
+            supervisor = int(st["restarts"]["supervisor_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         pid = None  # the server is gone (or not a fusepass server): unmounting cleans up
     server = f"server {pid}" if pid is not None else "its server"
     try:
@@ -257,7 +344,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return 0
     if pid is None:
         print(f"unmounted {mnt} (no server was answering)")
-    elif wait_for_exit(pid, 10.0):
+    elif wait_for_exit(pid, 10.0) and (supervisor is None or wait_for_exit(supervisor, 10.0)):
         print(f"unmounted {mnt}; server {pid} stopped")
     else:
         print(f"unmounted {mnt}; server {pid} has not exited yet")
@@ -335,6 +422,14 @@ def _format_status(st: dict[str, Any]) -> str:
     for reason, n in pt["served_reasons"].items():
         lines.append(f"    served {n}x: {reason}")
     lines += _format_policy(fs.get("policy"))
+    restarts = st.get("restarts")
+    if restarts:
+        line = f"  supervised by pid {restarts['supervisor_pid']}; restarts: {restarts['count']}"
+        if restarts["count"]:
+            line += (f" (last {restarts['last_at']}: {restarts['last_cause']}; recovered in "
+                     f"{restarts['last_recovery_ms']} ms, median {restarts['median_recovery_ms']} ms, "
+                     f"worst {restarts['worst_recovery_ms']} ms)")
+        lines.append(line)
     if st.get("malformed_requests"):
         lines.append(f"  malformed requests refused: {st['malformed_requests']}")
     # "answers": errors that are the kernel's ordinary business (ENOENT to LOOKUP, ENOSYS, ...);
@@ -429,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "io_uring (take requests through FUSE over io_uring where the kernel allows; status "
                         "says why not), io_uring_depth=N (ring entries per CPU, default 2)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
+    m.add_argument("--supervise", action="store_true",
+                   help="keep the mount in a supervisor process that starts a new server when the server dies "
+                        "(a signal, an exception, an out-of-memory kill): callers see no error")
+    m.add_argument("--request-timeout", type=_timeout, default=0, metavar="SECONDS",
+                   help="have the kernel abort the connection (callers get ENOTCONN) when a request stays "
+                        "unanswered this long (FUSE_REQUEST_TIMEOUT, Linux 6.14+; checked every 15 s or so)")
+    m.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="with --supervise: replace a server that leaves requests waiting this long without "
+                        "making progress (stopped, deadlocked, stuck); default: never")
     m.add_argument("--passthrough", choices=PASSTHROUGH_MODES, default="auto",
                    help="kernel passthrough of file data: auto (where the kernel and privileges allow), "
                         "on (fail if it cannot be had) or off (serve reads and writes from Python)")
@@ -491,7 +595,7 @@ _FSTAB_ONLY = ("defaults", "auto", "noauto", "user", "users", "nouser", "owner",
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     """``mount.fuse.fusepass SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``: what mount(8) runs for
     ``mount -t fuse.fusepass`` and fstab lines. fusepass's own options ``passthrough=auto|on|off``,
-    ``threads=N``, ``debug``, ``log=FILE``, ``rules=FILE``, ``audit_log=FILE``, ``hide=GLOB`` and
+    ``threads=N``, ``debug``, ``supervise``, ``log=FILE``, ``rules=FILE``, ``audit_log=FILE``, ``hide=GLOB`` and
     ``read_only=GLOB`` may be given with -o."""
     parser = OneLineParser(prog="mount.fuse.fusepass", description="What mount(8) runs for fuse.fusepass.")
     parser.add_argument("source", help="the directory to mirror")
@@ -512,8 +616,8 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
             continue
         if key in ("passthrough", "threads", "log", "rules", "audit_log", "hide", "read_only") and value:
             extra += [f"--{key.replace('_', '-')}", value]
-        elif key == "debug" and not value:
-            extra.append("--debug")
+        elif key in ("debug", "supervise") and not value:
+            extra.append(f"--{key}")
         else:
             passed.append(item)
     return main(["mount", args.source, args.mountpoint, *extra] + (["-o", ",".join(passed)] if passed else []))

@@ -62,6 +62,11 @@ def status_document(session: Session) -> dict[str, Any]:
         "malformed_requests": session.malformed_requests,
         "open_fds": open_fds,
         "filesystem": session.fs.status(),
+        "restarts": None if session.restarts is None else {
+            **session.restarts.status(), "resent_requests": session.dispatcher.resent,
+            "resent_changes_made_already": session.dispatcher.made_already,
+            "journal_bytes": session.journal.size if session.journal is not None else 0,
+        },
     }
 
 

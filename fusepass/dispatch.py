@@ -30,12 +30,14 @@ import enum
 import errno
 import inspect
 import logging
+import os
+import struct
 import threading
 import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar, cast, overload
 
 from . import abi
 from . import protocol as P
@@ -56,6 +58,9 @@ from .ops import (
 )
 from .stats import WorkerStats
 
+if TYPE_CHECKING:
+    from .journal import Journal
+
 log = logging.getLogger("fusepass")
 
 Body = P.Buffer | None  # a reply payload; None is an empty success reply
@@ -72,6 +77,13 @@ _F_UNLCK = 2
 _EARLY_INTERRUPTS = 1024
 _MALFORMED_LOG_BURST = 10  # lines logged per minute at most; the rest are counted
 _MINUTE_NS = 60_000_000_000
+#: Requests that change the namespace or attributes in a way that cannot simply be done twice.
+_CHANGES = frozenset({
+    abi.Opcode.MKDIR, abi.Opcode.MKNOD, abi.Opcode.SYMLINK, abi.Opcode.LINK, abi.Opcode.CREATE, abi.Opcode.UNLINK,
+    abi.Opcode.RMDIR, abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.SETXATTR, abi.Opcode.REMOVEXATTR,
+})
+#: What a journal keeps of INIT: major, minor, max_readahead, the 64-bit flags word.
+_INIT_RECORD = struct.Struct("<IIIQ")
 
 
 class Outcome(NamedTuple):
@@ -164,7 +176,7 @@ def _enosys(h: P.InHeader, body: memoryview) -> object:
 
 _NOT_IMPLEMENTED = _route(_enosys, lambda r, ctx: None)
 #: Handlers the session calls outside a request, or that must never wait: plain methods only.
-_PLAIN_ONLY = ("init", "destroy", "status", "forget")
+_PLAIN_ONLY = ("init", "destroy", "status", "forget", "persist", "restore")
 
 
 _HANDLERS = sorted(name for name, value in vars(Operations).items() if callable(value) and name[0] != "_")
@@ -183,15 +195,18 @@ class Dispatcher:
     ``Notifier`` the filesystem gets in ``init``). ``may_pass_through``: whether this process
     can use the backing ioctls (CAP_SYS_ADMIN). ``clock``: nanoseconds, for latencies and log
     rate limits. ``trace``: called with one line per request when debugging.
-    ``on_initialized``: called once the INIT reply has been written. ``runner``: where coroutine
-    handlers run; required if ``fs`` has any (``coroutine_handlers``). ``io_uring``: ask INIT for
-    FUSE_OVER_IO_URING (set by a transport that is ready to register ring entries).
+    ``on_initialized``: called once the INIT reply has been written. ``request_timeout``: seconds
+    after which the kernel aborts the connection if a request stays unanswered (0: never).
+    ``runner``: where coroutine handlers run; required if ``fs`` has any (``coroutine_handlers``).
+    ``io_uring``: ask INIT for FUSE_OVER_IO_URING (set by a transport that is ready to register
+    ring entries).
     """
 
     def __init__(
         self, fs: Operations, *, registry: BackingRegistry | None = None,
         send_notification: Callable[[bytes], object] | None = None, passthrough: PassthroughMode = "auto",
         may_pass_through: bool = False, max_stack_depth: int = 1, clock: Callable[[], int] = time.monotonic_ns,
+        request_timeout: int = 0,
         trace: Callable[[str], None] | None = None, on_initialized: Callable[[], None] | None = None,
         runner: Runner | None = None, io_uring: bool = False,
     ) -> None:
@@ -213,6 +228,7 @@ class Dispatcher:
         self.io_uring = io_uring
         #: Whether INIT granted FUSE_OVER_IO_URING: requests but FORGET and INTERRUPT come through the ring.
         self.over_io_uring = False
+        self.request_timeout = request_timeout
         self.parser = P.Parser()
         self.notifier = Notifier(send_notification or _not_connected, self)
         self.conn: ConnectionInfo | None = None
@@ -227,6 +243,11 @@ class Dispatcher:
         self._next_notify = 0
         self._log_window = (0, 0)  # (minute it counts, lines logged in it)
         self._replying, self._silent = self._build_tables(frozenset(awaited))
+        #: Under a supervisor: where the INIT request is recorded, for a successor to negotiate again;
+        #: requests the kernel resent after a restart, and changes among them found made already.
+        self.journal: Journal | None = None
+        self.resent = 0
+        self.made_already = 0
 
     # --- the request path -------------------------------------------------------------
 
@@ -262,7 +283,13 @@ class Dispatcher:
         parse, ask, answer, awaited = self._replying.get(opcode, _NOT_IMPLEMENTED)
         if awaited:
             return self._start(message, h, body, ctx, parse, ask, answer, scratch, t0)
+        in_doubt = False
+        if self.journal is not None:  # supervised: count what the kernel resent, record changes begun
+            if h.unique & abi.UNIQUE_RESEND:
+                self.resent += 1
+            in_doubt = opcode in _CHANGES and self._begin_change(h.unique)
         err = 0
+        r = None
         try:
             r = parse(h, body)
             out = ask(r, ctx) if answer is None else answer(r, ctx, ask(r, ctx))
@@ -270,7 +297,12 @@ class Dispatcher:
                 out = b""
             reply: Sequence[P.Buffer] = (_pack_out_header(16 + len(out), 0, h.unique), out)
         except OSError as e:
-            reply, err = self._refusal(h, e)
+            done = self._made_already(h, r, ctx, e) if in_doubt else None
+            if done is not None:
+                self.made_already += 1
+                reply = (_pack_out_header(16 + len(done), 0, h.unique), done)
+            else:
+                reply, err = self._refusal(h, e)
         except P.ProtocolError as e:
             with lock:
                 inflight.pop(h.unique, None)
@@ -286,6 +318,66 @@ class Dispatcher:
         if self._trace is not None:
             self._trace(self._describe(message, reply, elapsed))
         return _new_tuple(Outcome, (reply, ctx.undo, self._on_initialized if opcode == abi.Opcode.INIT else None))
+
+    # --- requests a predecessor may have carried out -------------------------------------
+
+    def _begin_change(self, unique: int) -> bool:
+        """Record that a change is about to be made for request ``unique``; True if a predecessor
+        began it already (the kernel resent it after a restart: it may be done)."""
+        assert self.journal is not None
+        first = unique & ~abi.UNIQUE_RESEND
+        in_doubt = first != unique and self.journal.in_doubt(first)
+        self.journal.intent(first)
+        return in_doubt
+
+    def _made_already(self, h: P.InHeader, r: object, ctx: Context, e: OSError) -> bytes | None:
+        """The reply to a resent change a predecessor began, if the error says it got as far as
+        making it: the name it created is there (EEXIST), or the name it removed or moved is gone
+        (ENOENT). None: the error stands. The caller sees the change succeed, as it did."""
+        O = abi.Opcode
+        op, err, fs = h.opcode, e.errno, self.fs
+        try:
+            if err == errno.EEXIST and isinstance(r, P.Mkdir | P.Mknod | P.Symlink):
+                return self._entry_body(r, ctx, fs.lookup(ctx, h.nodeid, r.name))
+            if err == errno.EEXIST and isinstance(r, P.Link):
+                return self._entry_body(r, ctx, fs.lookup(ctx, h.nodeid, r.newname))
+            if err == errno.EEXIST and isinstance(r, P.Create) and op == O.CREATE:
+                entry = fs.lookup(ctx, h.nodeid, r.name)
+                opened = fs.open(ctx, entry.nodeid, r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+                return bytes(self._created(r, ctx, (entry, opened)) or b"")
+            if err == errno.ENOENT and op in (O.UNLINK, O.RMDIR, O.RENAME, O.RENAME2):
+                return b""
+            if (err, op) in ((errno.EEXIST, O.SETXATTR), (errno.ENODATA, O.REMOVEXATTR)):
+                return b""
+        except OSError:
+            return None
+        return None
+
+    def _drop_undelivered(self, h: P.InHeader, ctx: Context) -> None:
+        """A resent open: whatever a predecessor opened for it never reached the kernel (or it
+        would not be resent), which will never release it: release it here."""
+        if self.journal is None or not h.unique & abi.UNIQUE_RESEND:
+            return
+        for fh, nodeid, is_dir in self.journal.opens_of(h.unique & ~abi.UNIQUE_RESEND):
+            try:
+                if is_dir:
+                    self.fs.releasedir(ctx, nodeid, fh)
+                else:
+                    self.fs.release(ctx, nodeid, fh, 0)
+            except OSError as e:
+                log.debug("releasing an undelivered open: %s", e)
+            if not is_dir:
+                self.registry.release(nodeid)
+
+    def _released_already(self, r: P.Release, is_dir: bool) -> bool:
+        """Whether a resent release is of a handle a predecessor released already: the journal no
+        longer holds it, or holds another open under its number, opened by a request the kernel
+        sent after this release (uniques grow: a file's release is sent after its open)."""
+        if self.journal is None or not r.header.unique & abi.UNIQUE_RESEND:
+            return False
+        state = self.journal.state
+        held = state.dirs.get(r.fh) if is_dir else state.files.get(r.fh)
+        return held is None or held[-1] > r.header.unique & ~abi.UNIQUE_RESEND
 
     def _refusal(self, h: P.InHeader, e: OSError) -> tuple[Sequence[P.Buffer], int]:
         """The reply to a handler's OSError, and the errno to count (0 for a negative entry:
@@ -422,9 +514,24 @@ class Dispatcher:
     # --- INIT -------------------------------------------------------------------------
 
     def _init(self, r: P.Init, ctx: Context) -> Body:
+        reply = self._negotiate(r)
+        if self.journal is not None:
+            self.journal.init(_INIT_RECORD.pack(r.major, r.minor, r.max_readahead, r.flags))
+        return reply
+
+    def resume(self, record: bytes) -> None:
+        """Take up a connection a predecessor negotiated: the INIT it answered (as ``journal``
+        recorded it) is negotiated again, with the same result, and not answered: the kernel
+        sends INIT once. ``on_initialized`` is not called."""
+        major, minor, readahead, flags = _INIT_RECORD.unpack(record)
+        header = P.InHeader(0, abi.Opcode.INIT, 0, 0, 0, 0, 0, 0)
+        self._negotiate(P.Init(header, major, minor, readahead, flags))
+
+    def _negotiate(self, r: P.Init) -> bytes:
         try:
             done = negotiate(r, self.fs, passthrough=self.passthrough_mode, may_pass_through=self.may_pass_through,
-                             max_stack_depth=self.max_stack_depth, notifier=self.notifier, io_uring=self.io_uring)
+                             max_stack_depth=self.max_stack_depth, notifier=self.notifier, io_uring=self.io_uring,
+                             request_timeout=self.request_timeout)
         except NegotiationError as e:
             self.failure = e.strerror
             log.error("%s", self.failure)
@@ -597,6 +704,7 @@ class Dispatcher:
         return P.open_body(fh, flags, backing_id)
 
     def _open(self, r: P.Open, ctx: Context) -> Opened:
+        self._drop_undelivered(r.header, ctx)
         ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
         return self.fs.open(ctx, r.header.nodeid, r.flags)
 
@@ -604,12 +712,14 @@ class Dispatcher:
         return self._opened_body(r.header.nodeid, opened, ctx, True)
 
     def _opendir(self, r: P.Open, ctx: Context) -> Opened:
+        self._drop_undelivered(r.header, ctx)
         return self.fs.opendir(ctx, r.header.nodeid, r.flags)
 
     def _dir_opened(self, r: P.Open, ctx: Context, opened: Opened) -> Body:
         return self._opened_body(r.header.nodeid, opened, ctx, False)
 
     def _create(self, r: P.Create, ctx: Context) -> tuple[Entry, Opened]:
+        self._drop_undelivered(r.header, ctx)
         ctx.kill_suidgid = bool(r.open_flags & abi.OPEN_KILL_SUIDGID)
         return self.fs.create(ctx, r.header.nodeid, r.name, r.mode, r.umask, r.flags)
 
@@ -631,6 +741,8 @@ class Dispatcher:
 
     def _release(self, r: P.Release, ctx: Context) -> Body:
         ino = r.header.nodeid
+        if self._released_already(r, False):
+            return None
         try:
             if r.release_flags & abi.RELEASE_FLOCK_UNLOCK and implemented(self.fs, "flock"):
                 self.fs.flock(ctx, ino, r.fh, r.lock_owner, _F_UNLCK, False)
@@ -641,6 +753,8 @@ class Dispatcher:
 
     async def _release_async(self, r: P.Release, ctx: Context) -> Body:
         ino = r.header.nodeid
+        if self._released_already(r, False):
+            return None
         flock: Callable[[Context, int, int, int, int, bool], object] = self.fs.flock
         release: Callable[[Context, int, int, int], object] = self.fs.release
         try:
@@ -685,6 +799,8 @@ class Dispatcher:
         return listing.result()
 
     def _releasedir(self, r: P.Release, ctx: Context) -> None:
+        if self._released_already(r, True):
+            return None
         return self.fs.releasedir(ctx, r.header.nodeid, r.fh)
 
     def _fsyncdir(self, r: P.Fsync, ctx: Context) -> None:

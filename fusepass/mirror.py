@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import functools
 import itertools
 import logging
 import os
 import stat
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 from . import abi, syscalls
 from .coherence import Coherence
+from .journal import Journal, State
 from .ops import (
     ROOT_ID,
     Attr,
@@ -58,6 +61,10 @@ _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 _NO_CHANGES = Changes()
 _CAPABILITY = b"security.capability"
 _DOTS = (b".", b"..")
+# What a journal keeps of a node: (st_dev, st_ino, S_IFMT bits), then its file handle.
+_IDENTITY = struct.Struct("<QQI")
+# Flags an open file is reopened with after a restart: without what creating or truncating asked.
+_REOPEN_DROP = _OPEN_DROP | os.O_TRUNC | os.O_TMPFILE
 #: Cache timeouts (seconds) for names and attributes: without a watcher, changes made in the source
 #: directly show through the mount within this time; with one, the kernel keeps what it has until told.
 SHORT_TIMEOUT = 1.0
@@ -150,6 +157,11 @@ class Mirror(Operations):
         self.watcher: SourceWatcher | None = None
         self.coherence: Coherence | None = None
         self.watch_why_not: str | None = None if watch else "switched off (-o nowatch)"
+        # Under a supervisor: what the kernel holds is recorded, and open files' descriptors live at
+        # fh_base and above, where a successor can reopen them under the same numbers.
+        self.journal: Journal | None = None
+        self.fh_base = 0
+        self._placeholders: set[int] = set()  # numbers of open files a successor could not reopen
         if watch and not self.handles:
             self.watch_why_not = ("file handles cannot be opened without CAP_DAC_READ_SEARCH, so changed files "
                                   "cannot be named")
@@ -248,6 +260,91 @@ class Mirror(Operations):
                             self.source, state)
         return state
 
+    # --- surviving a restart ------------------------------------------------------------
+
+    def persist(self, journal: Journal, fh_base: int) -> bool:
+        """Record what the kernel holds in ``journal``; open files get descriptors from ``fh_base`` up.
+        False (nothing recorded) without file handles, by which alone a successor could find the files."""
+        if not self.handles:
+            return False
+        self.journal = journal
+        self.fh_base = fh_base
+        return True
+
+    def _journal_lookup(self, inode: Inode) -> None:
+        if self.journal is not None and inode.nodeid != ROOT_ID:
+            self.journal.lookup(inode.nodeid)
+
+    def restore(self, state: State) -> None:
+        """Take over what a predecessor left (after ``init``, before any request): its node ids
+        (reopened from their handles when first used), its open files, under their old
+        descriptor numbers, and its open directories (listed afresh: offsets index the new listing)."""
+        with self._lock:
+            for nodeid, (lookups, identity) in state.nodes.items():
+                if nodeid == ROOT_ID or len(identity) < _IDENTITY.size:
+                    continue
+                dev, number, kind = _IDENTITY.unpack_from(identity)
+                handle = identity[_IDENTITY.size:] or None
+                inode = Inode(nodeid, (dev, number), kind, -1, handle, lookups=lookups)
+                self._inodes[nodeid] = inode
+                self._by_key[inode.key] = inode
+                if handle is not None:
+                    self._by_handle[handle] = inode
+            self._next_nodeid = max(self._next_nodeid, state.max_nodeid + 1)
+        if self.watcher is not None:
+            for inode in list(self._inodes.values()):
+                if inode.kind == stat.S_IFDIR and inode.nodeid != ROOT_ID:
+                    try:
+                        with self._pinned(inode.nodeid) as fd:
+                            self._watch(inode, fd)
+                    except OSError as e:
+                        log.debug("a directory of the predecessor is gone: %s", e)
+        for fh, (nodeid, flags, _) in state.files.items():
+            self._reopen(fh, nodeid, flags)
+        for fh, (nodeid, _) in state.dirs.items():
+            try:
+                with self._pinned(nodeid) as pfd:
+                    fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            except OSError as e:
+                log.warning("an open directory of the predecessor cannot be reopened: %s", e)
+                continue
+            with self._lock:
+                self._dirs[fh] = _DirHandle(fd)
+                self._next_dir = max(self._next_dir, fh + 1)
+
+    def _reopen(self, fh: int, nodeid: int, flags: int) -> None:
+        """Open a predecessor's open file again under its number ``fh``, pinned as ``_opened`` pins.
+        One that cannot be reopened gets a placeholder under its number (its requests fail with
+        EBADF), so that no file opened later can take the number the kernel still uses."""
+        try:
+            fcntl.fcntl(fh, fcntl.F_GETFD)
+        except OSError:
+            pass
+        else:
+            log.warning("descriptor %d of an open file is taken; the file cannot be served", fh)
+            return
+        inode = self._inodes.get(nodeid)
+        fd = -1
+        try:
+            if inode is None:
+                raise OSError(errno.ESTALE, f"node {nodeid} was forgotten")
+            pfd = self._acquire_fd(inode)
+            try:
+                fd = os.open(_proc(pfd), (flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
+            except BaseException:
+                self._release_fd(inode)
+                raise
+        except OSError as e:
+            log.warning("an open file of the predecessor cannot be reopened (%s): its requests fail", e.strerror)
+            os.dup2(self._inodes[ROOT_ID].fd, fh, inheritable=False)  # O_PATH: reads and writes fail
+            self._placeholders.add(fh)
+            return
+        os.dup2(fd, fh, inheritable=False)
+        os.close(fd)
+        assert inode is not None
+        with self._lock:
+            self._files[fh] = inode
+
     # --- the inode table ---------------------------------------------------------------
 
     def _handles_work(self, fd: int) -> bool:
@@ -332,6 +429,7 @@ class Mirror(Operations):
             inode = self._by_key.get(key)
             if inode is not None and inode.kind == kind and inode.fd >= 0:
                 inode.lookups += 1
+                self._journal_lookup(inode)
                 inode.busy += pin
                 os.close(fd)
                 return inode, st
@@ -345,6 +443,7 @@ class Mirror(Operations):
             inode = self._by_key.get(key)
             if inode is not None and inode.kind == kind and (inode.fd >= 0 or inode.handle == handle):
                 inode.lookups += 1
+                self._journal_lookup(inode)
                 inode.busy += pin
                 if inode.fd < 0:
                     inode.fd = fd
@@ -359,6 +458,8 @@ class Mirror(Operations):
             self._next_nodeid += 1
             self._inodes[inode.nodeid] = inode
             self._by_key[key] = inode
+            if self.journal is not None:
+                self.journal.node(inode.nodeid, _IDENTITY.pack(*key, kind) + (handle or b""))
             if handle is not None:
                 self._by_handle[handle] = inode
                 self._lru[inode.nodeid] = None
@@ -406,6 +507,7 @@ class Mirror(Operations):
             # Held open, its number cannot have been reused: the name still means this inode.
             if inode is not None and inode.fd >= 0:
                 inode.lookups += 1
+                self._journal_lookup(inode)
                 return self._entry(inode, st)
         if inode is not None and inode.handle is not None and self._same_file(dirfd, name, inode):
             # Its descriptor was evicted; the name's handle (taken after the stat, so the stat was
@@ -414,6 +516,7 @@ class Mirror(Operations):
             with self._lock:
                 if self._inodes.get(inode.nodeid) is inode:
                     inode.lookups += 1
+                    self._journal_lookup(inode)
                     return self._entry(inode, st)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
@@ -482,6 +585,8 @@ class Mirror(Operations):
                 if inode is None or nodeid == ROOT_ID:
                     continue
                 inode.lookups -= n
+                if self.journal is not None:
+                    self.journal.forget(nodeid, n)
                 if inode.lookups <= 0:
                     del self._inodes[nodeid]
                     if self._by_key.get(inode.key) is inode:
@@ -638,7 +743,7 @@ class Mirror(Operations):
 
     # --- files ---------------------------------------------------------------------------------
 
-    def _opened(self, ctx: Context, fd: int, inode: Inode, mode: int = 0) -> Opened:
+    def _opened(self, ctx: Context, fd: int, inode: Inode, flags: int, mode: int = 0) -> Opened:
         """Record an open file. Its inode stays pinned (its O_PATH descriptor is never evicted)
         until the release: a file unlinked while open cannot be reopened from its handle.
 
@@ -647,6 +752,9 @@ class Mirror(Operations):
         would clear those bits (the kernel leaves it to the server, and the source does not
         clear them for the server, which holds CAP_FSETID)."""
         serve = self.killpriv_v2 and _is_sxid(mode)
+        if self.journal is not None:
+            fd = _move_up(fd, self.fh_base)
+            self.journal.opened(fd, inode.nodeid, flags, ctx.unique)
         with self._lock:
             self._files[fd] = inode
             if self.passthrough and not serve and ctx.pid not in inode.openers:
@@ -673,7 +781,7 @@ class Mirror(Operations):
         except BaseException:
             self._release_fd(inode)
             raise
-        return self._opened(ctx, fd, inode, mode)
+        return self._opened(ctx, fd, inode, flags, mode)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         # The kernel sends CREATE only for a name it just found missing. Always exclusive: a
@@ -691,7 +799,7 @@ class Mirror(Operations):
                 _discard_created(pfd, name, fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(ctx, fd, inode, st.st_mode)
+        return self._entry(inode, st), self._opened(ctx, fd, inode, flags, st.st_mode)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, umask: int, flags: int) -> tuple[Entry, Opened]:
         with self._pinned(parent) as pfd:
@@ -705,7 +813,7 @@ class Mirror(Operations):
                 os.close(fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(ctx, fd, inode, st.st_mode)
+        return self._entry(inode, st), self._opened(ctx, fd, inode, flags, st.st_mode)
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
         buf = ctx.buffer(size)
@@ -728,6 +836,12 @@ class Mirror(Operations):
     def release(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
         with self._lock:
             inode = self._files.pop(fh, None)
+            placeholder = fh in self._placeholders
+            self._placeholders.discard(fh)
+        if self.journal is not None:
+            self.journal.released(fh)
+        if inode is None and not placeholder:
+            raise OSError(errno.EBADF, "no such open file")  # never close a number that is not its own
         os.close(fh)
         if inode is not None:
             self._release_fd(inode)
@@ -756,6 +870,8 @@ class Mirror(Operations):
             handle_id = self._next_dir
             self._next_dir += 1
             self._dirs[handle_id] = _DirHandle(fd)
+        if self.journal is not None:
+            self.journal.opened(handle_id, ino, 0, ctx.unique, is_dir=True)
         # Watched, a listing stays true: the kernel may keep it (until the directory changes).
         cached = self.watcher is not None
         return Opened(fh=handle_id, cache_dir=cached, keep_cache=cached)
@@ -812,6 +928,8 @@ class Mirror(Operations):
     def releasedir(self, ctx: Context, ino: int, fh: int) -> None:
         with self._lock:
             d = self._dirs.pop(fh, None)
+        if self.journal is not None:
+            self.journal.released(fh, is_dir=True)
         if d is not None:
             os.close(d.fd)
 
@@ -900,6 +1018,22 @@ class _Pin:
 
     def __exit__(self, *exc: object) -> None:
         self.mirror._release_fd(self.inode)
+
+
+def stacked_source(path: str) -> bool:
+    """Whether ``path`` lives on a stacked filesystem (passthrough then needs depth 2)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return syscalls.fs_magic(fd) in _STACKED_MAGICS
+    finally:
+        os.close(fd)
+
+
+def _move_up(fd: int, base: int) -> int:
+    """``fd`` moved to the lowest free number from ``base`` up."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+    os.close(fd)
+    return high
 
 
 def _default_acl(dirfd: int) -> bool:

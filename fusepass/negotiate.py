@@ -50,7 +50,7 @@ def check_passthrough_mode(mode: str) -> PassthroughMode:
 
 def negotiate(
     req: P.Init, fs: Operations, *, passthrough: PassthroughMode, may_pass_through: bool, max_stack_depth: int,
-    notifier: Notifier | None = None, io_uring: bool = False,
+    notifier: Notifier | None = None, io_uring: bool = False, request_timeout: int = 0,
 ) -> Negotiated:
     """Answer INIT. ``may_pass_through``: whether this process holds CAP_SYS_ADMIN, which the
     backing ioctls require. ``io_uring``: ask for FUSE_OVER_IO_URING (the transport is ready for
@@ -79,10 +79,13 @@ def negotiate(
     conn = ConnectionInfo(
         proto_minor=minor, kernel_flags=offered, want=want, max_write=abi.MAX_WRITE,
         max_readahead=req.max_readahead, max_pages=abi.MAX_PAGES, max_stack_depth=max_stack_depth,
-        notifier=notifier,
+        notifier=notifier, request_timeout=request_timeout,
     )
     fs.init(conn)
     want = int(conn.want)
+    timeout = max(0, min(int(conn.request_timeout), 0xFFFF))
+    if timeout:
+        want |= abi.InitFlag.REQUEST_TIMEOUT
     for flag, since in abi.INIT_FLAG_MINOR.items():
         if minor < since:
             want &= ~int(flag)
@@ -100,6 +103,7 @@ def negotiate(
         minor, min(conn.max_readahead, req.max_readahead), int(granted), conn.max_background,
         conn.congestion_threshold, conn.max_write, conn.time_gran, conn.max_pages,
         conn.max_stack_depth if why_not is None else 0,
+        timeout if granted & abi.InitFlag.REQUEST_TIMEOUT else 0,
     )
     return Negotiated(conn, why_not, reply, bool(granted & abi.InitFlag.OVER_IO_URING))
 

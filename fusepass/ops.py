@@ -16,6 +16,7 @@ import errno
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import abi
 from .notify import Notifier
@@ -31,6 +32,9 @@ from .protocol import (
     pack_dirent,
     pack_direntplus,
 )
+
+if TYPE_CHECKING:
+    from .journal import Journal, State
 
 __all__ = [
     "Attr", "AttrLike", "Changes", "Context", "DirListing", "Entry", "Opened", "Operations", "StatfsReply",
@@ -317,6 +321,19 @@ class Operations:
         Called from the status socket's thread: read shared state under your lock."""
         return {}
 
+    # surviving a restart (``fusepass.supervisor``)
+    def persist(self, journal: Journal, fh_base: int) -> bool:
+        """Under a supervisor, before INIT: record in ``journal`` every node id handed out (with
+        what it names), lookup, forget, open and release, before the reply that depends on it, so
+        that a successor can ``restore`` them; give open files handles of ``fh_base`` and above
+        if they are descriptors. Return False (the default) if this filesystem cannot: a server
+        that dies then takes its mount with it."""
+        return False
+
+    def restore(self, state: State) -> None:
+        """In a successor, after ``init`` and before any request: take over ``state`` (what the
+        journal recorded) so that every node id and handle the kernel holds means what it meant."""
+
     # names and attributes
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         """Find ``name`` in directory ``parent``; return its Entry, which counts one lookup.
@@ -550,6 +567,9 @@ class ConnectionInfo:
     max_background: int = 64
     congestion_threshold: int = 48
     notifier: Notifier | None = None
+    #: Seconds after which the kernel aborts the connection if a request is still unanswered
+    #: (FUSE_REQUEST_TIMEOUT, protocol 7.43); 0: never. Honoured only where the kernel offers it.
+    request_timeout: int = 0
 
 
 def implemented(fs: Operations, name: str) -> bool:

@@ -846,11 +846,11 @@ def open_body(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
 
 def init_body(
     minor: int, max_readahead: int, flags: int, max_background: int, congestion_threshold: int,
-    max_write: int, time_gran: int, max_pages: int, max_stack_depth: int,
+    max_write: int, time_gran: int, max_pages: int, max_stack_depth: int, request_timeout: int = 0,
 ) -> bytes:
     return abi.INIT_OUT.pack(
         abi.KERNEL_VERSION, minor, max_readahead, flags & 0xFFFFFFFF, max_background,
-        congestion_threshold, max_write, time_gran, max_pages, 0, flags >> 32, max_stack_depth, 0,
+        congestion_threshold, max_write, time_gran, max_pages, 0, flags >> 32, max_stack_depth, request_timeout,
     )
 
 

@@ -15,18 +15,22 @@ import errno
 import functools
 import logging
 import os
+import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from . import abi
 from . import mount as mountmod
+from . import protocol as P
 from .backing import BackingRegistry
 from .device import Device
 from .dispatch import PENDING, Dispatcher, Outcome, Scratch, coroutine_handlers
+from .journal import Journal
 from .negotiate import check_passthrough_mode
 from .notify import Notifier
 from .ops import ConnectionInfo, Operations
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from .aio import InFlight, LoopRunner
+    from .supervisor import Restarts
 
 log = logging.getLogger("fusepass")
 
@@ -62,7 +67,14 @@ class Session:
     ``max_stack_depth``: 1 for backing files on ordinary filesystems, 2 when they live on
     overlayfs or another FUSE mount.
     ``device``: serve a connection mounted elsewhere (an inherited descriptor, or a mount made
-    by another program) instead of mounting; ``mountpoint`` then only names it.
+    by another program) instead of mounting; ``mountpoint`` then only names it. ``clones``:
+    descriptors of that connection made for the workers by whoever holds them (a supervisor,
+    which must keep every descriptor a server reads from: requests read from a descriptor end
+    with ECONNABORTED when its last reference is closed), instead of cloning ``device`` here.
+    ``journal``: record what a successor needs (see ``fusepass.journal``); if it holds a
+    predecessor's state, take the connection over from there instead of waiting for INIT.
+    ``request_timeout``: have the kernel abort the connection when a request stays unanswered
+    this many seconds (FUSE_REQUEST_TIMEOUT, where offered; 0: never), the last line of defence.
 
     For a filesystem with ``async def`` handlers: ``loop``, the asyncio loop to run them on, which
     its owner runs (default: a private one on a thread of its own; see ``fusepass.aio.serve``);
@@ -82,6 +94,7 @@ class Session:
         threads: int = DEFAULT_THREADS, passthrough: str = "auto", max_stack_depth: int = 1, debug: bool = False,
         device: Device | None = None, loop: asyncio.AbstractEventLoop | None = None, max_in_flight: int | None = None,
         io_uring: bool | None = None, io_uring_depth: int | None = None,
+        clones: Sequence[Device] = (), journal: Journal | None = None, request_timeout: int = 0,
     ) -> None:
         self.passthrough_mode = check_passthrough_mode(passthrough)
         if not 1 <= max_stack_depth <= 2:
@@ -95,8 +108,13 @@ class Session:
         self.options = options or mountmod.MountOptions()
         self.threads = threads
         self.max_stack_depth = max_stack_depth
+        self.request_timeout = request_timeout
         self.debug = debug
         self.device = device
+        self.clones = list(clones)
+        self.journal = journal
+        #: Set under a supervisor: the restarts so far, for ``status``.
+        self.restarts: Restarts | None = None
         self.mount: mountmod.Mount | None = None
         self.connection_id: int | None = None
         self.registry = BackingRegistry(device)
@@ -131,6 +149,7 @@ class Session:
             passthrough=self.passthrough_mode, may_pass_through=mountmod.has_cap_sys_admin(),
             max_stack_depth=self.max_stack_depth, on_initialized=self._initialized,
             trace=(lambda line: log.debug("%s", line)) if self.debug else None, runner=self.runner,
+            request_timeout=self.request_timeout,
         )
 
     def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -205,12 +224,22 @@ class Session:
             self.registry.device = self.device
         self.connection_id = mountmod.connection_id(self.mountpoint)
         if self.io_uring_requested:
-            self._prepare_uring(self.device)
+            if self.journal is not None:  # rings die with the server that made them
+                self.io_uring_why_not = "not with a supervisor (a successor could not take the rings over)"
+            else:
+                self._prepare_uring(self.device)
+        if self.journal is not None and self._take_over(self.journal):
+            # Before any worker reads: what the kernel requeues is then exactly what the predecessor
+            # read and never answered (a request read here and requeued would be answered twice).
+            self._resend(self.device)
         if self.runner is not None:
             self.runner.open()
-        # With a ring ready, one /dev/fuse worker takes INIT, FORGET and INTERRUPT; the rest
-        # only if the ring is not granted after all.
-        self._start_workers([self.device], 0 if self.uring is not None else self.threads - 1)
+        if self.clones:  # a supervisor's: it keeps them, so that no request read from one is lost
+            self._start_workers([self.device, *self.clones], 0)
+        else:
+            # With a ring ready, one /dev/fuse worker takes INIT, FORGET and INTERRUPT; the rest
+            # only if the ring is not granted after all.
+            self._start_workers([self.device], 0 if self.uring is not None else self.threads - 1)
 
     def _start_workers(self, devices: list[Device], clones: int) -> None:
         """Start a worker for each of ``devices`` and for ``clones`` clones of the first device."""
@@ -254,6 +283,38 @@ class Session:
         """A registration failed after INIT: the kernel serves through /dev/fuse again; so do we."""
         self.io_uring_why_not = reason
         self._start_workers([], self.threads - 1)
+
+    # --- taking over from a predecessor -----------------------------------------
+
+    def _take_over(self, journal: Journal) -> bool:
+        """Start recording in ``journal``; if a predecessor left state there, take it over
+        (before any worker reads a request: every node id and handle must mean what it meant).
+        True if this session resumes a connection."""
+        if not self.fs.persist(journal, fh_base()):
+            raise SessionError(f"{type(self.fs).__name__} cannot record its state, so it cannot be restarted")
+        self.registry.journal = journal
+        self.dispatcher.journal = journal
+        state = journal.state
+        if state.init is None:
+            return False
+        self.dispatcher.resume(state.init)
+        self.fs.restore(state)
+        self.registry.restore(state.backing, Counter(nodeid for nodeid, _, _ in state.files.values()))
+        self._initialized()
+        return True
+
+    def _resend(self, device: Device) -> None:
+        """Have the kernel queue again every request the predecessor read and never answered
+        (they come with ``abi.UNIQUE_RESEND`` set in ``unique``, which the reply carries back)."""
+        conn = self.conn
+        if conn is None or not conn.kernel_flags & abi.InitFlag.HAS_RESEND:
+            log.warning("the kernel cannot resend requests (no FUSE_HAS_RESEND): those the previous server "
+                        "read and never answered wait until the connection is aborted")
+            return
+        try:
+            os.write(device.fd, P.encode_notify(abi.NotifyCode.RESEND, b""))
+        except OSError as e:
+            log.error("FUSE_NOTIFY_RESEND failed: %s", e)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until INIT has been answered (the mount can be used); False on timeout.
@@ -318,6 +379,8 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self.journal is not None and self._workers and not self._finished.is_set():
+            return  # supervised, and the connection lives on: everything it holds is the successor's
         if self._workers and not self._finished.is_set():  # no workers: start() failed, nothing to wait for
             self.stop()
             if not self._finished.wait(5):
@@ -459,6 +522,12 @@ class Session:
                 f.write(str(conn.max_pages * abi.PAGE_SIZE // 1024))
         except OSError as e:
             log.debug("cannot raise readahead through %s: %s", path, e)
+
+
+def fh_base() -> int:
+    """Where the descriptors of open files start under a supervisor: half the descriptor limit,
+    above everything else a server opens, so that a successor finds their numbers free."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
 
 
 def deliver(fd: int, outcome: Outcome) -> None:

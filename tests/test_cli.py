@@ -125,12 +125,14 @@ def test_read_only_option_refuses_writes(dirs: tuple[Path, Path]) -> None:
         (lambda s, m: [str(s), str(m), "--audit-log", str(s / "no" / "dir")], "cannot open the audit log"),
         (lambda s, m: [str(s), str(m), "--log", str(s / "no" / "dir")], "cannot write the log"),
         (lambda s, m: [str(s)], "the following arguments are required: mountpoint"),
+        (lambda s, m: [str(s), str(m), "--deadline", "5"], "--deadline needs --supervise"),
+        (lambda s, m: [str(s), str(m), "--supervise", "-o", "io_uring"], "--supervise cannot be combined with"),
     ],
     ids=["source-missing", "source-not-dir", "mountpoint-missing", "mountpoint-not-dir", "loop", "unknown-option",
          "bad-value", "negative-timeout", "nan-timeout", "infinite-timeout", "absurd-timeout", "zero-fds",
          "negative-fds", "bad-depth", "fsname-with-equals", "zero-threads", "negative-threads", "word-threads",
          "bad-passthrough", "bad-deny", "bad-glob", "missing-rules", "unwritable-audit-log", "unwritable-log",
-         "no-mountpoint"],
+         "no-mountpoint", "deadline-alone", "supervised-io-uring"],
 )
 def test_bad_input_is_one_line_usage_status_and_mounts_nothing(
     dirs: tuple[Path, Path], make_args: Callable[[Path, Path], list[str]], message: str

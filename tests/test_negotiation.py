@@ -195,3 +195,17 @@ def test_negotiating_arbitrary_flag_words_keeps_no_memory() -> None:
     for _ in range(500):
         negotiate(kernel(Wishful(), passthrough="off"), init_request(45, rng.getrandbits(64) | int(F.INIT_EXT)))
     assert len(F._value2member_map_) - members < 50
+
+
+def test_request_timeout_is_asked_for_only_when_wanted_and_offered() -> None:
+    """FUSE_REQUEST_TIMEOUT (7.43): the kernel aborts the connection when a request stays
+    unanswered that long; off unless asked for, and never to a kernel that does not offer it."""
+    plain = negotiate(kernel(Plain()), init_request(abi.KERNEL_MINOR_VERSION, ALL_6_18))
+    assert not plain["want"] & F.REQUEST_TIMEOUT and plain["request_timeout"] == 0
+    asked = negotiate(kernel(Plain(), request_timeout=90), init_request(abi.KERNEL_MINOR_VERSION, ALL_6_18))
+    assert asked["want"] & F.REQUEST_TIMEOUT and asked["request_timeout"] == 90
+    old = negotiate(kernel(Plain(), request_timeout=90), init_request(42, ALL_6_18))
+    assert not old["want"] & F.REQUEST_TIMEOUT and old["request_timeout"] == 0
+    unoffered = negotiate(kernel(Plain(), request_timeout=90),
+                          init_request(abi.KERNEL_MINOR_VERSION, ALL_6_18 & ~F.REQUEST_TIMEOUT))
+    assert not unoffered["want"] & F.REQUEST_TIMEOUT and unoffered["request_timeout"] == 0

@@ -1,0 +1,151 @@
+"""The journal a supervised server keeps, and a successor taking over from it: without a mount,
+through the dispatcher as the kernel would drive it (``FakeKernel``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakekernel import FakeKernel
+
+from fusepass import abi
+from fusepass.journal import MIN_COMPACT, Journal, create_files
+from fusepass.mirror import Mirror
+
+pytestmark = pytest.mark.timeout(30)
+
+R = abi.UNIQUE_RESEND
+
+
+@pytest.fixture
+def files() -> Iterator[tuple[int, int]]:
+    fds = create_files()
+    yield fds
+    for fd in fds:
+        os.close(fd)
+
+
+def test_a_successor_reads_what_was_recorded(files: tuple[int, int]) -> None:
+    j = Journal(files)
+    assert not j.resumed
+    j.init(b"init")
+    j.node(5, b"five")
+    j.lookup(5, 2)
+    j.node(6, b"six")
+    j.forget(6, 1)
+    j.opened(10000, 5, os.O_RDWR, 42)
+    j.opened(3, 5, 0, 44, is_dir=True)
+    j.backing(5, 7)
+    j.intent(46)
+    s = Journal(files).state
+    assert s.init == b"init"
+    assert s.nodes == {5: (3, b"five")}
+    assert s.max_nodeid == 6  # forgotten, but never handed out again
+    assert s.files == {10000: (5, os.O_RDWR, 42)} and s.dirs == {3: (5, 44)}
+    assert s.backing == {5: 7} and 46 in s.intents
+
+
+def test_a_record_torn_by_a_crash_is_ignored_with_all_after_it(files: tuple[int, int]) -> None:
+    j = Journal(files)
+    j.node(5, b"five")
+    end = j.size
+    j.lookup(5)
+    os.pwrite(j.fds[j._active], b"\xff", end + 3)  # the second record's CRC no longer matches
+    s = Journal(files).state
+    assert s.nodes == {5: (1, b"five")}
+
+
+def test_a_long_log_is_compacted_and_the_newest_snapshot_wins(files: tuple[int, int]) -> None:
+    j = Journal(files)
+    j.node(5, b"five")
+    generation = j.generation
+    for _ in range(MIN_COMPACT // 20):
+        j.lookup(5)
+        j.forget(5, 1)
+    assert j.generation > generation
+    assert j.size < MIN_COMPACT
+    assert Journal(files).state.nodes == {5: (1, b"five")}
+
+
+def lookup_body(name: bytes) -> bytes:
+    return name + b"\0"
+
+
+def successor(source: Path, files: tuple[int, int]) -> FakeKernel:
+    """A dispatcher serving a new mirror that takes over from the journal, as a session does."""
+    fs = Mirror(str(source), watch=False)
+    k = FakeKernel(fs)
+    journal = Journal(files)
+    assert fs.persist(journal, 10000)
+    k.dispatcher.journal = journal
+    k.dispatcher.registry.journal = journal
+    if journal.state.init is not None:
+        k.dispatcher.resume(journal.state.init)
+        fs.restore(journal.state)
+    return k
+
+
+def test_a_successor_serves_the_nodes_and_open_files_of_its_predecessor(tmp_path: Path,
+                                                                        files: tuple[int, int]) -> None:
+    (tmp_path / "f").write_bytes(b"contents")
+    first = successor(tmp_path, files)
+    assert first.init().error == 0
+    entry = first.call(abi.Opcode.LOOKUP, lookup_body(b"f"))
+    nodeid = abi.ENTRY_OUT.unpack_from(entry.payload)[0]
+    opened = first.call(abi.Opcode.OPEN, abi.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=nodeid)
+    fh = abi.OPEN_OUT.unpack_from(opened.payload)[0]
+    assert fh >= 10000
+    fd = os.dup(fh)  # the predecessor dies: its descriptors close
+    first.dispatcher.fs.destroy()
+    os.close(fd)
+
+    k = successor(tmp_path, files)
+    assert k.dispatcher.conn is not None  # INIT negotiated again, not answered
+    read = k.call(abi.Opcode.READ, abi.READ_IN.pack(fh, 2, 4, 0, 0, 0, 0), nodeid=nodeid)
+    assert read.error == 0 and read.payload == b"nten"
+    again = k.call(abi.Opcode.LOOKUP, lookup_body(b"f"))
+    assert abi.ENTRY_OUT.unpack_from(again.payload)[0] == nodeid
+    assert k.call(abi.Opcode.RELEASE, abi.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=nodeid).error == 0
+    assert fh not in Journal(files).state.files
+    k.dispatcher.fs.destroy()
+
+
+def test_a_resent_change_its_predecessor_made_succeeds(tmp_path: Path, files: tuple[int, int]) -> None:
+    first = successor(tmp_path, files)
+    first.init()
+    made, msg = first.message(abi.Opcode.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + lookup_body(b"d"))
+    assert first.send(msg)[0].error == 0  # made; the reply is lost with the server
+    first.dispatcher.fs.destroy()
+
+    k = successor(tmp_path, files)
+    again = k.call(abi.Opcode.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + lookup_body(b"d"), unique=made | R)
+    assert again.error == 0 and again.unique == made | R
+    assert abi.ENTRY_OUT.unpack_from(again.payload)[0] > 1
+    # A change no predecessor began keeps its error.
+    assert k.call(abi.Opcode.MKDIR, abi.MKDIR_IN.pack(0o755, 0) + lookup_body(b"d")).error == -errno.EEXIST
+    k.dispatcher.fs.destroy()
+
+
+def test_a_resent_release_of_a_number_opened_again_since_is_not_done_twice(tmp_path: Path,
+                                                                          files: tuple[int, int]) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    k = successor(tmp_path, files)
+    k.init()
+    nodeid = abi.ENTRY_OUT.unpack_from(k.call(abi.Opcode.LOOKUP, lookup_body(b"f")).payload)[0]
+
+    def open_() -> int:
+        reply = k.call(abi.Opcode.OPEN, abi.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=nodeid)
+        return int(abi.OPEN_OUT.unpack_from(reply.payload)[0])
+
+    fh = open_()
+    release, msg = k.message(abi.Opcode.RELEASE, abi.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=nodeid)
+    assert k.send(msg)[0].error == 0  # released; its reply lost
+    assert open_() == fh  # the number is taken again by a later open
+    _, msg = k.message(abi.Opcode.RELEASE, abi.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=nodeid, unique=release | R)
+    assert k.send(msg)[0].error == 0
+    assert fh in k.dispatcher.fs._files  # the later open is still open
+    k.dispatcher.fs.destroy()
+

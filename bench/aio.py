@@ -18,47 +18,17 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fusepass.session import Session
-
 from . import environment as envmod
+from .getattr_rate import stat_rate
 from .request_cost import Cheap, CheapAsync
 from .targets import Peer
 
 PYFUSE3_SLOW_SOURCE = envmod.BENCH_DIR / "peers" / "pyfuse3_slow_source.py"
-
-
-def getattr_rate(fs: Cheap, clients: int, seconds: float) -> float:
-    """stat(2)s per second of this mount's root by ``clients`` processes."""
-    with tempfile.TemporaryDirectory() as mnt, Session(fs, mnt, passthrough="off"):
-        os.stat(mnt)  # the first request: INIT is done, the loop (if any) runs
-        pipes = []
-        for _ in range(clients):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # a client: system calls only, then _exit
-                count = 0
-                try:
-                    deadline = time.monotonic() + seconds
-                    while time.monotonic() < deadline:
-                        os.stat(mnt)
-                        count += 1
-                    os.write(w, str(count).encode())
-                finally:
-                    os._exit(0)
-            os.close(w)
-            pipes.append((pid, r))
-        total = 0
-        for pid, r in pipes:
-            with os.fdopen(r) as f:
-                total += int(f.read() or 0)
-            os.waitpid(pid, 0)
-    return total / seconds
 
 
 class Program(Peer):
@@ -152,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     if args.only in (None, "getattr"):
         kinds: dict[str, Callable[[], Cheap]] = {"plain getattr": Cheap, "async def getattr": CheapAsync}
-        values = rounds(args.rounds, list(kinds), lambda c: getattr_rate(kinds[c](), args.clients, args.seconds))
+        values = rounds(args.rounds, list(kinds), lambda c: stat_rate(kinds[c](), args.clients, args.seconds))
         out.append(table(f"cheap GETATTR, {args.clients} stat(2) processes", "requests/s", values))
     if args.only in (None, "slow-source"):
         os.makedirs(args.workdir, exist_ok=True)

@@ -21,8 +21,10 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from bench.request_cost import Cheap
+from fusepass import Operations
 from fusepass.session import Session
 from fusepass.uring_transport import MODULE_PARAMETER
 
@@ -58,13 +60,15 @@ def _caller(mnt: str, go: int, out: int, seconds: float) -> None:
         os._exit(0)
 
 
-def measure(transport: str, callers: int, seconds: float, depth: int) -> float:
-    """GETATTR requests per second of ``callers`` processes together, on a fresh mount."""
+def stat_rate(fs: Operations, callers: int, seconds: float, **session_kw: Any) -> float:
+    """stat(2)s per second of the root of ``fs``, mounted afresh in this process, by ``callers``
+    processes together (forked before the server's threads exist). ``session_kw`` go to the
+    Session; one asked for io_uring fails unless it got it."""
     with tempfile.TemporaryDirectory() as mnt:
         go_r, go_w = os.pipe()
         out_r, out_w = os.pipe()
         pids = []
-        for _ in range(callers):  # forked before the server's threads exist
+        for _ in range(callers):
             pid = os.fork()
             if pid == 0:
                 _caller(mnt, go_r, out_w, seconds)
@@ -72,12 +76,10 @@ def measure(transport: str, callers: int, seconds: float, depth: int) -> float:
         os.close(out_w)
         os.close(go_r)
         try:
-            session = Session(Cheap(), mnt, passthrough="off", io_uring=transport == "io_uring",
-                              io_uring_depth=depth)
-            with session:
-                if transport == "io_uring" and not session.over_io_uring:
+            with Session(fs, mnt, passthrough="off", **session_kw) as session:
+                if session_kw.get("io_uring") and not session.over_io_uring:
                     raise RuntimeError(f"io_uring not used: {session.io_uring_why_not}")
-                os.stat(mnt)  # the first request after INIT waits for every queue to register
+                os.stat(mnt)  # the first request after INIT (waits for every queue to register, and the loop to run)
                 start = time.monotonic()
                 os.write(go_w, b"x" * callers)
                 counts = [struct.unpack("<Q", os.read(out_r, 8))[0] for _ in range(callers)]
@@ -88,6 +90,11 @@ def measure(transport: str, callers: int, seconds: float, depth: int) -> float:
             for pid in pids:
                 os.waitpid(pid, 0)
         return sum(counts) / max(elapsed, seconds)
+
+
+def measure(transport: str, callers: int, seconds: float, depth: int) -> float:
+    """GETATTR requests per second of ``callers`` processes together over ``transport``."""
+    return stat_rate(Cheap(), callers, seconds, io_uring=transport == "io_uring", io_uring_depth=depth)
 
 
 def main() -> int:

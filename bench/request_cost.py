@@ -9,7 +9,11 @@ Two runs with different N cancel the start-up cost:
     python -m bench.request_cost            # runs callgrind twice per kind and prints the figures
 
 Kinds: GETATTR and LOOKUP answered by plain handlers, and GETATTR by an ``async def`` one that
-never awaits (what the event loop adds to a request).
+never awaits (what the event loop adds to a request). The ``mirror-*`` kinds count per file, on the
+mirror of a scratch directory with its defaults (watcher on): ``mirror-lookup`` is a stat of a name
+not yet known (LOOKUP), ``mirror-create`` an exclusive create and close (LOOKUP, CREATE, GETATTR of
+the directory, RELEASE), ``mirror-delete`` a stat then an unlink (LOOKUP, UNLINK, GETATTR of the
+directory, FORGET): less ``mirror-lookup``, what a delete of a known name costs.
 
 ``python -m bench.request_cost --serve getattr 20000`` is the measured program itself.
 """
@@ -25,6 +29,8 @@ import sys
 import tempfile
 
 from fusepass import Attr, Context, Entry, Operations
+from fusepass.mirror import Mirror
+from fusepass.mount import MountOptions
 from fusepass.session import Session
 
 ROOT = Attr(ino=1, mode=stat.S_IFDIR | 0o755, nlink=2)
@@ -50,24 +56,43 @@ class CheapAsync(Cheap):
         return Cheap.getattr(self, ctx, ino, fh)
 
 
-KINDS = ("getattr", "lookup", "getattr-async")
+KINDS = ("getattr", "lookup", "getattr-async", "mirror-lookup", "mirror-create", "mirror-delete")
 
 
 def serve(kind: str, n: int) -> None:
-    fs = CheapAsync() if kind == "getattr-async" else Cheap()
-    with tempfile.TemporaryDirectory() as mnt, Session(fs, mnt, threads=1, passthrough="off"):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                if kind != "lookup":
-                    for _ in range(n):
-                        os.stat(mnt)
-                else:
-                    for i in range(n):
-                        os.stat(f"{mnt}/f{i}")
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
+    with tempfile.TemporaryDirectory() as mnt, tempfile.TemporaryDirectory(dir="/var/tmp") as source:
+        if kind.startswith("mirror-"):
+            fs: Operations = Mirror(source)
+            options = MountOptions(fsname=source, subtype="fusepass", default_permissions=True)
+            if kind != "mirror-create":
+                for i in range(n):
+                    os.close(os.open(f"{source}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+        else:
+            fs, options = CheapAsync() if kind == "getattr-async" else Cheap(), None
+        with Session(fs, mnt, options, threads=1, passthrough="off" if options is None else "auto"):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    client(kind, mnt, n)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+
+
+def client(kind: str, mnt: str, n: int) -> None:
+    if kind in ("getattr", "getattr-async"):
+        for _ in range(n):
+            os.stat(mnt)
+    elif kind in ("lookup", "mirror-lookup"):
+        for i in range(n):
+            os.stat(f"{mnt}/f{i}")
+    elif kind == "mirror-create":
+        for i in range(n):
+            os.close(os.open(f"{mnt}/f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    else:
+        for i in range(n):
+            os.stat(f"{mnt}/f{i}")
+            os.unlink(f"{mnt}/f{i}")
 
 
 def instructions(kind: str, n: int) -> int:
@@ -91,13 +116,15 @@ def main() -> None:
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--large", type=int, default=12000)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"a subset of {','.join(KINDS)}")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
         return
-    for kind in KINDS:
+    for kind in args.kinds.split(","):
         small, large = instructions(kind, args.small), instructions(kind, args.large)
-        print(f"{kind.upper():14} {(large - small) / (args.large - args.small):10,.0f} instructions per request")
+        unit = "file" if kind.startswith("mirror-") else "request"
+        print(f"{kind.upper():14} {(large - small) / (args.large - args.small):10,.0f} instructions per {unit}")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class Runner(Protocol):
 
 _new_tuple = tuple.__new__  # builds an Outcome without NamedTuple's Python-level __new__
 _pack_out_header = abi.OUT_HEADER.pack
+_PASSTHROUGH, _PASSTHROUGH_COMPATIBLE = int(abi.FopenFlag.PASSTHROUGH), int(abi.FOPEN_PASSTHROUGH_COMPATIBLE)
 _NO_BUFFER = memoryview(b"")  # a Context served on the runner has none: Context.buffer makes one
 
 
@@ -689,7 +690,7 @@ class Dispatcher:
         if regular:
             backing_id, _ = self.registry.acquire(ino, opened.backing_fd, opened.served_because)
             if backing_id:
-                flags = (flags & abi.FOPEN_PASSTHROUGH_COMPATIBLE) | abi.FopenFlag.PASSTHROUGH
+                flags = (flags & _PASSTHROUGH_COMPATIBLE) | _PASSTHROUGH
 
             release: Callable[[Context, int, int, int], object] = self.fs.release
 

@@ -19,7 +19,6 @@ import bisect
 import errno
 import fcntl
 import functools
-import itertools
 import logging
 import os
 import stat
@@ -46,7 +45,7 @@ from .ops import (
     StatfsReply,
     StatxReply,
 )
-from .protocol import dirent_record
+from .protocol import dirent_records
 from .watcher import Change, Event, SourceWatcher, WatcherUnavailable
 
 log = logging.getLogger("fusepass.mirror")
@@ -108,10 +107,7 @@ class _DirHandle:
 
     def pack(self) -> None:
         assert self.entries is not None
-        records = [dirent_record(number, i + 1, kind >> 12, name)
-                   for i, (name, number, kind) in enumerate(self.entries)]
-        self.ends = list(itertools.accumulate(len(r) for r in records))
-        self.packed = b"".join(records)
+        self.packed, self.ends = dirent_records(self.entries)
 
 
 class Mirror(Operations):

@@ -119,6 +119,13 @@ class Context:
 _event_lock = threading.Lock()
 
 
+# The FOPEN bits as plain ints: an open builds its flags on the request path, and IntFlag
+# arithmetic costs a member lookup per operation.
+_DIRECT_IO, _KEEP_CACHE, _NONSEEKABLE, _CACHE_DIR, _NOFLUSH, _PARALLEL_DIRECT_WRITES = (
+    int(abi.FopenFlag.DIRECT_IO), int(abi.FopenFlag.KEEP_CACHE), int(abi.FopenFlag.NONSEEKABLE),
+    int(abi.FopenFlag.CACHE_DIR), int(abi.FopenFlag.NOFLUSH), int(abi.FopenFlag.PARALLEL_DIRECT_WRITES))
+
+
 @dataclass(slots=True)
 class Opened:
     """The answer to OPEN, OPENDIR, CREATE and TMPFILE.
@@ -160,12 +167,11 @@ class Opened:
     served_because: str | None = None
 
     def fopen_flags(self) -> int:
-        f = abi.FopenFlag
         flags = 0
         for on, bit in (
-            (self.direct_io, f.DIRECT_IO), (self.keep_cache, f.KEEP_CACHE),
-            (self.nonseekable, f.NONSEEKABLE), (self.cache_dir, f.CACHE_DIR),
-            (self.noflush, f.NOFLUSH), (self.parallel_direct_writes, f.PARALLEL_DIRECT_WRITES),
+            (self.direct_io, _DIRECT_IO), (self.keep_cache, _KEEP_CACHE), (self.nonseekable, _NONSEEKABLE),
+            (self.cache_dir, _CACHE_DIR), (self.noflush, _NOFLUSH),
+            (self.parallel_direct_writes, _PARALLEL_DIRECT_WRITES),
         ):
             if on:
                 flags |= bit

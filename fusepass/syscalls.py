@@ -6,6 +6,8 @@ package lives here."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import mmap
 import os
 
@@ -46,11 +48,12 @@ def umount2(target: bytes, flags: int) -> int:
 
 
 def ioctl_value(fd: int, request: int, arg: bytes) -> int:
-    """ioctl(2) with ``arg`` copied into a buffer, returning the call's value (``fcntl.ioctl`` drops it).
-    Returns -errno on failure."""
-    buf = ctypes.create_string_buffer(arg, len(arg))
-    ret = _libc.ioctl(fd, request, ctypes.addressof(buf))
-    return ret if ret >= 0 else -ctypes.get_errno()
+    """ioctl(2) returning the call's value, which ``fcntl.ioctl`` gives back only when the argument
+    is a mutable buffer (one is made here). Returns -errno on failure."""
+    try:
+        return fcntl.ioctl(fd, request, bytearray(arg), True)
+    except OSError as e:
+        return -(e.errno or errno.EIO)
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:

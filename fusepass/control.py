@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import __version__
 from . import mount as mountmod
 from .session import Session
 
@@ -40,6 +41,7 @@ def status_document(session: Session) -> dict[str, Any]:
         "mountpoint": session.mountpoint,
         "fsname": o.fsname,
         "pid": os.getpid(),
+        "version": __version__,  # of the code this server runs (``fusepass restart`` installs new code)
         "uptime_s": round(time.time() - session.started, 3),
         "options": {
             "fsname": o.fsname, "subtype": o.subtype, "allow_other": o.allow_other,

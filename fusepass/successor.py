@@ -11,7 +11,7 @@ options (``spec``: one JSON object), then, when the connection is its, the resta
 (``Restarts`` as a JSON object; the end of the pipe instead: give up, touching nothing). From
 the server: ``prepared`` (or why it cannot start), then ``ready`` (or why it failed).
 
-``python -m fusepass.successor --devices FD,... --journal FD,FD --inbox FD --report FD`` is the
+``python -P -m fusepass.successor --devices FD,... --journal FD,FD --inbox FD --report FD`` is the
 server a supervisor executes (the descriptors are inherited); a forked one calls ``run``.
 """
 
@@ -62,7 +62,8 @@ def command(devices: list[Device], files: tuple[int, int], inbox: int, report: i
     """The command line of an executed successor (the descriptors must be inheritable)."""
     import sys
 
-    return [sys.executable, "-m", "fusepass.successor", "--devices", ",".join(str(d.fd) for d in devices),
+    # -P: not the supervisor's working directory first on sys.path, but what is installed.
+    return [sys.executable, "-P", "-m", "fusepass.successor", "--devices", ",".join(str(d.fd) for d in devices),
             "--journal", f"{files[0]},{files[1]}", "--inbox", str(inbox), "--report", str(report)]
 
 

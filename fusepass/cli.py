@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import logging.handlers
@@ -143,18 +144,23 @@ class _Plan:
     uring: UringOptions
     args: argparse.Namespace
 
-    def session(self, **kw: Any) -> Session:
+    def session(self, fs: Mirror | None = None, **kw: Any) -> Session:
         a = self.args
         # A supervised server serves through /dev/fuse: rings die with the server that made them.
         io_uring = False if a.supervise else self.uring.enabled
-        return Session(self.make_fs(), self.mountpoint, self.options, threads=a.threads, passthrough=a.passthrough,
-                       max_stack_depth=self.max_stack_depth, debug=a.debug, request_timeout=a.request_timeout,
-                       io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
+        return Session(fs or self.make_fs(), self.mountpoint, self.options, threads=a.threads,
+                       passthrough=a.passthrough, max_stack_depth=self.max_stack_depth, debug=a.debug,
+                       request_timeout=a.request_timeout, io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
 
-    def serve_supervised(self, devices: list[Device], files: tuple[int, int], restarts: Restarts,
+    def supervised(self) -> ServerMain:
+        """One server under the supervisor, its filesystem made now (before it has the connection:
+        a successor makes it while its predecessor still serves)."""
+        return functools.partial(self.serve_supervised, self.make_fs())
+
+    def serve_supervised(self, fs: Mirror, devices: list[Device], files: tuple[int, int], restarts: Restarts,
                          ready_fd: int) -> int:
-        """One server under the supervisor (``supervisor.ServerMain``)."""
-        session = self.session(device=devices[0], clones=devices[1:], journal=Journal(files))
+        """Serve ``fs`` under the supervisor (with ``supervised``, a ``supervisor.ServerMain``)."""
+        session = self.session(fs, device=devices[0], clones=devices[1:], journal=Journal(files))
         session.restarts = restarts
         status = serve(session, ready_fd, PROG, on_ready=_on_ready)
         return successor.EXIT_HANDED_OVER if session.handed_over else status
@@ -218,7 +224,7 @@ def prepare_supervised(spec: dict[str, Any]) -> ServerMain:
                             format=f"{PROG}: %(levelname)s %(message)s")
     else:
         _log_in_background(args.log, args.debug)
-    return _prepare(args, mounted=True).serve_supervised
+    return _prepare(args, mounted=True).supervised()
 
 
 def _prepare(args: argparse.Namespace, mounted: bool = False) -> _Plan:

@@ -199,11 +199,11 @@ def ask(path: str, message: dict[str, Any], timeout: float, who: str) -> dict[st
         except (FileNotFoundError, ConnectionRefusedError):
             raise OSError(errno.ECONNREFUSED, f"{who} is not answering (no control socket {path})") from None
         s.sendall(json.dumps(message).encode() + b"\n")
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
+        data = b""
+        while b"\n" not in data and (chunk := s.recv(65536)):
+            data += chunk
     try:
-        reply = json.loads(b"".join(chunks))
+        reply = json.loads(data)
     except ValueError:
         reply = None
     if not isinstance(reply, dict):

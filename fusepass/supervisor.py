@@ -89,10 +89,13 @@ HAND_OVER_SIGNAL = signal.SIGUSR2
 #: Seconds a server may take to answer the requests it has read when asked to hand over; then it is killed
 #: (its successor is resent what it read: still no caller sees an error).
 HAND_OVER_TIMEOUT = 10.0
-#: Seconds a new server may take to become ready (from its start, or from being given the connection).
+#: Seconds a new server may take to be made, or to become ready once given the connection.
 READY_TIMEOUT = 60.0
-#: With a deadline, a successor may take this long on top of it to become ready (an interpreter's start).
+#: With a deadline, a server may take this long on top of it to be made (an interpreter's start), and
+#: at least TAKE_OVER_MIN to become ready once given the connection: callers wait meanwhile, so a
+#: server that hangs before it is ready is killed and replaced like one that hangs later.
 STARTUP_ALLOWANCE = 10.0
+TAKE_OVER_MIN = 5.0
 
 
 def describe_exit(status: int) -> str:
@@ -168,6 +171,7 @@ class Supervisor:
         #: After a restart on request, successors run the code on disk (executed), not the supervisor's.
         self.exec_successors = False
         self._listener: socket.socket | None = None
+        self._asking: socket.socket | None = None  # the connection being answered (a forked server closes it)
 
     @property
     def deadline(self) -> float | None:
@@ -211,12 +215,12 @@ class Supervisor:
         first = True
         while True:
             started = time.monotonic_ns()
-            ready = self._start_now(ready_fd if first else None, self.exec_successors and quick == 0)
+            ready, late = self._start_now(ready_fd if first else None, self.exec_successors and quick == 0)
             status, hung = self._wait()
             died = time.monotonic_ns()
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 return 0  # the connection ended
-            cause = hung or describe_exit(status)
+            cause = late or hung or describe_exit(status)
             quick = 0 if ready else quick + 1
             if first and not ready or quick >= QUICK_FAILURES:
                 log.error("the server of %s failed (%s) before it served; giving the mount up",
@@ -235,27 +239,33 @@ class Supervisor:
         r.last_at = datetime.now(UTC).isoformat()
         r.died_ns = since_ns
 
-    def _ready_timeout(self) -> float:
+    def _prepare_timeout(self) -> float:
         return READY_TIMEOUT if self.deadline is None else self.deadline + STARTUP_ALLOWANCE
 
-    def _start_now(self, ready_fd: int | None, execute: bool) -> bool:
+    def _ready_timeout(self) -> float:
+        return READY_TIMEOUT if self.deadline is None else max(self.deadline, TAKE_OVER_MIN)
+
+    def _start_now(self, ready_fd: int | None, execute: bool) -> tuple[bool, str | None]:
         """Start a server and give it the connection at once (no predecessor serves); wait until it
-        is ready, dead, or past its time (then it is killed, and ``_wait`` finds it dead)."""
+        is ready, dead, or past its time (then it is killed, and ``_wait`` finds it dead).
+        (Whether it became ready, why it was killed or None.)"""
         child = self._spawn(self.spec, self.devices, execute, ready_fd)
         self.child = child
         child.send(asdict(self.restarts))
-        line = child.line(self._ready_timeout())
+        line = child.line(self._prepare_timeout())
         if line == "prepared":
             line = child.line(self._ready_timeout())
         ready = line.startswith("ready")
+        late = None
         if ready:
             self.restarts.recovered()
         elif line == "timed out":
-            log.warning("the server of %s was not ready in time: killing it", self.mountpoint)
+            late = "not ready in time"
+            log.warning("the server of %s was %s: killing it", self.mountpoint, late)
             _kill(child.pid)
         if ready_fd is not None:
             _report(ready_fd, line or "the server exited before the mount was ready")
-        return ready
+        return ready, late
 
     def _spawn(self, spec: dict[str, Any], devices: list[Device], execute: bool,
                ready_fd: int | None = None) -> _Child:
@@ -267,7 +277,10 @@ class Supervisor:
         if pid == 0:  # the server
             status = 70
             try:
-                for fd in (inbox_w, report_r, ready_fd, self._listener.fileno() if self._listener else None):
+                for sock in (self._listener, self._asking):
+                    if sock is not None:
+                        sock.close()
+                for fd in (inbox_w, report_r, ready_fd):
                     if fd is not None:
                         os.close(fd)
                 for sig in _FORWARDED:
@@ -331,6 +344,7 @@ class Supervisor:
             conn, _ = self._listener.accept()
         except OSError:
             return
+        self._asking = conn
         with conn:
             try:
                 conn.settimeout(2.0)
@@ -341,6 +355,8 @@ class Supervisor:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError as e:
                 log.warning("supervisor socket: %s", e)
+            finally:
+                self._asking = None
 
     def _command(self, request: bytes) -> dict[str, Any]:
         try:
@@ -399,7 +415,7 @@ class Supervisor:
         self._count(f"restart requested; the new server failed ({why})", time.monotonic_ns())
         self.exec_successors = False
         log.error("the new server of %s failed (%s); serving on with the supervisor's code", self.mountpoint, why)
-        ready = self._start_now(None, execute=False)
+        ready, _ = self._start_now(None, execute=False)
         serving = f"pid {self.child.pid} serves on" if ready else "no server serves yet"
         return {"error": f"the new server failed after taking over ({why}); {serving} with the code the "
                          "supervisor started with and the options it had"}

@@ -478,3 +478,56 @@ def test_options_that_may_change_take_effect(supervised_copy: tuple[Supervised, 
 def test_restart_of_a_mount_without_supervisor_is_refused(mirror: ServerProcess) -> None:
     r = fusepass_cli("restart", str(mirror.mountpoint))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not supervised" in r.stderr, r.stderr
+
+
+def test_a_new_server_that_hangs_after_taking_over_is_replaced(start_server: Callable[..., ServerProcess],
+                                                               tmp_path: Path) -> None:
+    """New code that stops itself once given the connection: killed when it is not ready within
+    max(deadline, TAKE_OVER_MIN); a server of the supervisor's own code serves the caller that waited."""
+    from fusepass.supervisor import TAKE_OVER_MIN
+
+    code = copy_of_the_code(tmp_path / "code")
+    cli_py = code / "cli.py"
+    text = cli_py.read_text()
+    marker = '        """Serve ``fs`` under the supervisor (with ``supervised``, a ``supervisor.ServerMain``)."""\n'
+    assert marker in text
+    cli_py.write_text(text.replace(marker, marker + "        os.kill(os.getpid(), signal.SIGSTOP)\n"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("served\n")
+    env = {**os.environ, "PYTHONPATH": str(code.parent)}
+    s = Supervised(start_server(mirror_argv(src, "--supervise", "--deadline", "1", "-o", "timeout=0"), env=env), src)
+    try:
+        box: dict[str, Any] = {}
+        started = threading.Event()
+
+        def restart() -> None:
+            started.set()
+            box["result"] = fusepass_cli("restart", str(s.mnt))
+
+        t = threading.Thread(target=restart, daemon=True)
+        t.start()
+        started.wait(10)
+        # Wait for the hand-over (the old server exits), then call: the call waits for a server that works.
+        old = s.server_pid()
+        assert old is not None
+        assert wait_for_exit(old, 30)
+        t0 = time.monotonic()
+        assert (s.mnt / "f").read_text() == "served\n"
+        waited = time.monotonic() - t0
+        t.join(60)
+        r = box["result"]
+        assert r.returncode == 1 and "not ready in time" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        new = s.server_pid()
+        assert new is not None and new != old
+        s.pids.add(new)
+        assert cmdline(new)[1:3] != ["-P", "-m"]  # forked: the supervisor's code
+        assert waited < TAKE_OVER_MIN + 10, waited
+        assert "the new server failed" in s.status()["restarts"]["last_cause"]
+    finally:
+        s.server.cleanup()
+        for pid in s.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

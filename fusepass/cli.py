@@ -208,8 +208,9 @@ def vet_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
     try:
         if hidden(old) != hidden(new):
-            return ("hiding rules cannot change on a restart: the kernel keeps the names it has looked up, and "
-                    "those it was told are missing, as long as it caches them; unmount and mount again")
+            return ("hiding rules cannot change on a restart (rule options replace all the rules: give the "
+                    "mount's hiding rules again): the kernel keeps the names it has looked up, and those it was "
+                    "told are missing, as long as it caches them; unmount and mount again")
     except UsageError as e:
         return str(e)
     return None

@@ -7,9 +7,12 @@ from the kill to that answer: death, fork, the successor's start (journal read a
 mirror and watcher made, node table restored), FUSE_NOTIFY_RESEND, the request served. Also
 prints the cost of keeping the journal on the request path (``--cost``): the time per LOOKUP,
 FORGET, OPEN and RELEASE through the dispatcher and the mirror, with and without a journal, in
-one run.
+one run. ``--restarts N`` times the planned restart instead: N times ``fusepass restart`` while a
+caller loops a stat and a read of a file in the mount, and gives the longest call of each restart
+(the time a caller waited while the old server handed over and the new one took over; a new
+server's start, an interpreter's, happens before that and costs callers nothing).
 
-    python -m bench.restart [--kills 100] [--cost [--cost-files 4000]] [--no-kills]
+    python -m bench.restart [--kills 100] [--cost [--cost-files 4000]] [--no-kills] [--restarts 50]
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fusepass import control
@@ -49,7 +55,10 @@ def ready_server(mnt: Path, old: int) -> None:
     raise TimeoutError("no new server became ready")
 
 
-def recovery(kills: int, files: int) -> list[float]:
+@contextmanager
+def supervised_mount(files: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A supervised mirror of ``files`` one-byte files, every one held by the kernel, with no
+    attribute cache (every stat is a request); unmounted and its processes ended afterwards."""
     with tempfile.TemporaryDirectory(prefix="fusepass-restart-") as work:
         src, mnt = Path(work, "src"), Path(work, "mnt")
         src.mkdir()
@@ -67,18 +76,7 @@ def recovery(kills: int, files: int) -> list[float]:
             assert ready and os.read(r, 64) == b"ready\n", "the mount did not become ready"
             for i in range(files):  # the kernel holds every file: the successor restores them all
                 os.stat(mnt / f"f{i}")
-            times = []
-            for k in range(kills):
-                (server,) = children(supervisor.pid)
-                pidfd = os.pidfd_open(server)
-                t0 = time.monotonic()
-                os.kill(server, signal.SIGKILL)
-                select.select([pidfd], [], [], 30)
-                os.close(pidfd)
-                os.stat(mnt / f"f{k % files}")
-                times.append((time.monotonic() - t0) * 1000)
-                ready_server(mnt, server)  # before the next kill: one killed before it is ready counts as failing
-            return times
+            yield supervisor, mnt
         finally:
             os.close(r)
             if mountmod.mount_entry(str(mnt)) is not None:
@@ -90,6 +88,82 @@ def recovery(kills: int, files: int) -> list[float]:
                     os.kill(pid, signal.SIGKILL)
                 supervisor.kill()
                 supervisor.wait(5)
+
+
+def recovery(kills: int, files: int) -> list[float]:
+    with supervised_mount(files) as (supervisor, mnt):
+        times = []
+        for k in range(kills):
+            (server,) = children(supervisor.pid)
+            pidfd = os.pidfd_open(server)
+            t0 = time.monotonic()
+            os.kill(server, signal.SIGKILL)
+            select.select([pidfd], [], [], 30)
+            os.close(pidfd)
+            os.stat(mnt / f"f{k % files}")
+            times.append((time.monotonic() - t0) * 1000)
+            ready_server(mnt, server)  # before the next kill: one killed before it is ready counts as failing
+        return times
+
+
+class Caller:
+    """A thread that stats and reads a file in the mount in a loop, keeping when each call began and
+    how long it took."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.calls: list[tuple[float, float]] = []  # (began, seconds)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._done = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                os.stat(self.path)
+                with open(self.path, "rb") as f:
+                    f.read()
+            except OSError as e:
+                self.errors.append(repr(e))
+            with self._done:
+                self.calls.append((t0, time.monotonic() - t0))
+                self._done.notify_all()
+
+    def wait_past(self, t: float) -> None:
+        """Wait until a call that began after ``t`` has ended: every call under way at ``t`` has too."""
+        with self._done:
+            assert self._done.wait_for(lambda: self.calls[-1][0] > t if self.calls else False, 60)
+
+    def longest(self, since: float, until: float) -> float:
+        """The longest call that began in [since, until], in ms (0 if none did)."""
+        return max((d for t, d in self.calls if since <= t <= until), default=0.0) * 1000
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def planned(restarts: int, files: int) -> tuple[list[float], list[float], int, list[str]]:
+    """(longest caller wait per restart ms, the supervisor's hand-over-to-ready ms, calls, errors)."""
+    with supervised_mount(files) as (_, mnt):
+        caller = Caller(mnt / "f0")
+        waits, reported = [], []
+        try:
+            for _ in range(restarts):
+                t0 = time.monotonic()
+                r = subprocess.run([sys.executable, "-m", "fusepass.cli", "restart", str(mnt)], capture_output=True,
+                                   text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                assert r.returncode == 0, r.stderr
+                reported.append(float(r.stdout.rsplit("at most ", 1)[1].split()[0]))
+                t1 = time.monotonic()
+                caller.wait_past(t1)
+                waits.append(caller.longest(t0, t1))
+        finally:
+            caller.stop()
+        return waits, reported, len(caller.calls), caller.errors
 
 
 def request_cost(n: int) -> dict[str, tuple[float, float]]:
@@ -143,7 +217,16 @@ def main() -> None:
     parser.add_argument("--cost-files", type=int, default=4000,
                         help="files looked up, opened at once, released and forgotten (below half the fd limit)")
     parser.add_argument("--no-kills", action="store_true", help="only the request-path cost")
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="time N planned restarts (fusepass restart) under a looping caller, instead of kills")
     args = parser.parse_args()
+    if args.restarts:
+        waits, reported, calls, errors = planned(args.restarts, args.files)
+        print(f"fusepass restart x{len(waits)} ({args.files} nodes held), longest caller wait per restart: "
+              f"median {statistics.median(waits):.1f} ms, worst {max(waits):.1f} ms, best {min(waits):.1f} ms; "
+              f"hand-over to new server ready (the supervisor's count): median {statistics.median(reported):.1f} ms, "
+              f"worst {max(reported):.1f} ms; {calls} calls, {len(errors)} errors {errors[:3]}")
+        return
     if not args.no_kills:
         times = recovery(args.kills, args.files)
         print(f"kill -> first answered request over {len(times)} kills, {args.files} nodes held: "

@@ -1,9 +1,10 @@
-"""The ``fusepass`` command: mount a mirror of a directory, unmount it."""
+"""The ``fusepass`` command: mount a mirror of a directory, unmount it, restart its server, show its status."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import logging.handlers
@@ -14,11 +15,12 @@ import shutil
 import signal
 import stat
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import control, policy
+from . import control, policy, successor
 from . import mount as mountmod
 from .audit import AuditLog
 from .device import Device
@@ -26,11 +28,11 @@ from .journal import Journal
 from .mirror import Mirror, stacked_source
 from .mount import MountError, MountOptions
 from .negotiate import PASSTHROUGH_MODES
-from .policy import Policy, RuleError, rules_from_toml
+from .policy import Policy, RuleError, parse_rules, rules_from_toml
 from .policy_mirror import PolicyMirror
 from .serve import USAGE, OneLineParser, describe, parse_mount_options, serve, thread_count
-from .session import DEFAULT_THREADS, Session, SessionError
-from .supervisor import Restarts, Supervisor
+from .session import DEFAULT_THREADS, WAKE_SIGNAL, Session, SessionError
+from .supervisor import HAND_OVER_SIGNAL, HAND_OVER_TIMEOUT, READY_TIMEOUT, Restarts, ServerMain, Supervisor
 from .uring_transport import UringOptions, take_options
 
 PROG = "fusepass"
@@ -114,9 +116,15 @@ def _dead(path: str) -> bool:
 
 
 def _policy(args: argparse.Namespace) -> tuple[Policy, str | None]:
-    """The rules and the audit log path from --rules FILE, --hide, --read-only, --deny, --audit-log."""
+    """The rules and the audit log path from --rules FILE (or, in a supervised server, the file's
+    contents as they were read when the mount or the restart was asked for), --hide, --read-only,
+    --deny, --audit-log."""
     try:
-        rules, audit_path = rules_from_toml(args.rules) if args.rules else ([], None)
+        text = getattr(args, "rules_text", None)
+        if text is not None:
+            rules, audit_path = parse_rules(text.encode(), f"rules file {args.rules}")
+        else:
+            rules, audit_path = rules_from_toml(args.rules) if args.rules else ([], None)
         rules += [policy.hide(g) for g in args.hide] + [policy.read_only(g) for g in args.read_only]
         rules += [policy.parse_deny(spec) for spec in args.deny]
     except RuleError as e:
@@ -136,32 +144,103 @@ class _Plan:
     uring: UringOptions
     args: argparse.Namespace
 
-    def session(self, **kw: Any) -> Session:
+    def session(self, fs: Mirror | None = None, **kw: Any) -> Session:
         a = self.args
         # A supervised server serves through /dev/fuse: rings die with the server that made them.
         io_uring = False if a.supervise else self.uring.enabled
-        return Session(self.make_fs(), self.mountpoint, self.options, threads=a.threads, passthrough=a.passthrough,
-                       max_stack_depth=self.max_stack_depth, debug=a.debug, request_timeout=a.request_timeout,
-                       io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
+        return Session(fs or self.make_fs(), self.mountpoint, self.options, threads=a.threads,
+                       passthrough=a.passthrough, max_stack_depth=self.max_stack_depth, debug=a.debug,
+                       request_timeout=a.request_timeout, io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
 
-    def serve_supervised(self, devices: list[Device], files: tuple[int, int], restarts: Restarts,
+    def supervised(self) -> ServerMain:
+        """One server under the supervisor, its filesystem made now (before it has the connection:
+        a successor makes it while its predecessor still serves)."""
+        return functools.partial(self.serve_supervised, self.make_fs())
+
+    def serve_supervised(self, fs: Mirror, devices: list[Device], files: tuple[int, int], restarts: Restarts,
                          ready_fd: int) -> int:
-        """One server under the supervisor (``supervisor.ServerMain``)."""
-        session = self.session(device=devices[0], clones=devices[1:], journal=Journal(files))
+        """Serve ``fs`` under the supervisor (with ``supervised``, a ``supervisor.ServerMain``)."""
+        session = self.session(fs, device=devices[0], clones=devices[1:], journal=Journal(files))
         session.restarts = restarts
-        return serve(session, ready_fd, PROG, on_ready=_on_ready)
+        status = serve(session, ready_fd, PROG, on_ready=_on_ready)
+        return successor.EXIT_HANDED_OVER if session.handed_over else status
 
 
-def _prepare(args: argparse.Namespace) -> _Plan:
+#: The options of ``mount --supervise`` that a server is started with (``Supervisor``'s spec).
+_SPEC_KEYS = ("source", "mountpoint", "options", "foreground", "passthrough", "threads", "hide", "deny", "read_only",
+              "rules", "rules_text", "audit_log", "log", "debug", "supervise", "deadline", "request_timeout")
+#: Those ``fusepass restart`` may change: what the server alone holds, not what INIT negotiated or the
+#: kernel holds. The rest are refused (``_REFUSED``).
+CHANGEABLE = frozenset({"hide", "deny", "read_only", "rules", "rules_text", "audit_log", "log", "debug", "threads",
+                        "deadline"})
+
+
+def _spec(args: argparse.Namespace, plan: _Plan) -> dict[str, Any]:
+    """The supervised server's options as a JSON object, with every path absolute and the rules
+    file's contents read now: a successor started later must not depend on files changed since."""
+    spec = {key: getattr(args, key, None) for key in _SPEC_KEYS}
+    spec["mountpoint"] = plan.mountpoint
+    spec.update(_absolute_paths(args))
+    return spec
+
+
+def _absolute_paths(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"source": os.path.abspath(args.source)} if getattr(args, "source", None) else {}
+    for key in ("audit_log", "log", "rules"):
+        if getattr(args, key, None):
+            out[key] = os.path.abspath(getattr(args, key))
+    if getattr(args, "rules", None):
+        try:
+            with open(args.rules) as f:
+                out["rules_text"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"rules file {args.rules}: {describe(e) if isinstance(e, OSError) else e}") from None
+    return out
+
+
+def vet_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why ``restart`` cannot go from spec ``old`` to ``new``, or None. Hiding rules cannot change:
+    the kernel keeps the names it has looked up, and those it was told are missing, as long as it
+    caches them (a day while the source is watched), and the listings it was given until they change."""
+    def hidden(spec: dict[str, Any]) -> set[str]:
+        rules = _policy(argparse.Namespace(**{**spec, "audit_log": None}))[0].rules
+        return {r.glob.text for r in rules if r.kind == "hide"}
+
+    try:
+        if hidden(old) != hidden(new):
+            return ("hiding rules cannot change on a restart (rule options replace all the rules: give the "
+                    "mount's hiding rules again): the kernel keeps the names it has looked up, and those it was "
+                    "told are missing, as long as it caches them; unmount and mount again")
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+def prepare_supervised(spec: dict[str, Any]) -> ServerMain:
+    """In a server a supervisor starts (forked, or executed by ``fusepass.successor``): its logging,
+    and its filesystem made from ``spec``, checked (raises with the reason it cannot start)."""
+    args = argparse.Namespace(**spec)
+    if args.foreground:
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, force=True,
+                            format=f"{PROG}: %(levelname)s %(message)s")
+    else:
+        _log_in_background(args.log, args.debug)
+    return _prepare(args, mounted=True).supervised()
+
+
+def _prepare(args: argparse.Namespace, mounted: bool = False) -> _Plan:
+    """A checked plan; ``mounted``: for a supervised server, whose mount point is mounted already
+    (by its supervisor) and must not be looked at: nothing may serve it yet."""
     source = os.path.abspath(args.source)
     if not os.path.exists(source):
         raise UsageError(f"source {source} does not exist")
     if not os.path.isdir(source):
         raise UsageError(f"source {source} is not a directory")
-    mnt = _check_mountpoint(args.mountpoint)
-    real_src, real_mnt = os.path.realpath(source), os.path.realpath(mnt)
-    if real_mnt == real_src or real_mnt.startswith(real_src.rstrip("/") + "/"):
-        raise UsageError(f"mount point {mnt} is inside the source {source}: that would loop")
+    mnt = os.path.abspath(args.mountpoint) if mounted else _check_mountpoint(args.mountpoint)
+    if not mounted:
+        real_src, real_mnt = os.path.realpath(source), os.path.realpath(mnt)
+        if real_mnt == real_src or real_mnt.startswith(real_src.rstrip("/") + "/"):
+            raise UsageError(f"mount point {mnt} is inside the source {source}: that would loop")
     options = MountOptions(fsname=_fsname(source), subtype="fusepass", default_permissions=True)
     extra: list[str] = []
     for text in args.options:
@@ -199,7 +278,8 @@ def _prepare(args: argparse.Namespace) -> _Plan:
 
     if depth is None:
         depth = 2 if stacked_source(source) else 1
-    _warn_if_not_empty(mnt)
+    if not mounted:
+        _warn_if_not_empty(mnt)
     return _Plan(mnt, options, make_fs, int(depth), uring, args)
 
 
@@ -212,6 +292,11 @@ def _seconds(text: str) -> float:
     if not 0.1 <= value <= 86400:
         raise argparse.ArgumentTypeError(f"must be a number of seconds from 0.1 to 86400, not {text!r}")
     return value
+
+
+def _seconds_or_none(text: str) -> float:
+    """``restart --deadline``: as ``--deadline``, or 0: none."""
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
 def _timeout(text: str) -> int:
@@ -251,8 +336,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     plan = _prepare(args)
     run: Callable[[int | None], int]
     if args.supervise:
-        supervisor = Supervisor(plan.mountpoint, plan.options, args.threads, plan.serve_supervised,
-                                deadline=args.deadline)
+        supervisor = Supervisor(plan.mountpoint, plan.options, _spec(args, plan), prepare_supervised, CHANGEABLE,
+                                vet_change)
         run = supervisor.run
     else:
         session = plan.session()
@@ -285,7 +370,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _on_ready(session: Session) -> None:
     """Once the server serves: SIGHUP reopens the audit log (after rotation); without one it is
     ignored, so a hang-up of the terminal never kills a server and leaves a dead mount. Under a
-    supervisor, the server that took over counts its recovery."""
+    supervisor, the server that took over counts its recovery, and HAND_OVER_SIGNAL has it hand
+    the connection over to a successor (``fusepass restart``)."""
     audit = getattr(session.fs, "audit", None)
 
     def on_hangup(signum: int, frame: object) -> None:
@@ -295,6 +381,15 @@ def _on_ready(session: Session) -> None:
     signal.signal(signal.SIGHUP, on_hangup)
     if session.restarts is not None:
         session.restarts.recovered()
+        started: list[threading.Thread] = []
+
+        def on_hand_over(signum: int, frame: object) -> None:
+            if not started:  # once; the thread wakes the workers with WAKE_SIGNAL
+                started.append(threading.Thread(target=session.hand_over, args=(HAND_OVER_TIMEOUT,), daemon=True))
+                started[0].start()
+
+        signal.signal(WAKE_SIGNAL, lambda signum, frame: None)  # only to interrupt a worker's read
+        signal.signal(HAND_OVER_SIGNAL, on_hand_over)
 
 
 def _log_in_background(path: str | None, debug: bool) -> None:
@@ -350,6 +445,83 @@ def cmd_umount(args: argparse.Namespace) -> int:
         print(f"unmounted {mnt}; server {pid} has not exited yet")
     _remove_demo_dir(mnt)
     return 0
+
+
+#: Options of ``mount`` that ``restart`` refuses, and why.
+_REFUSED = {
+    "options": "-o options are the mount's: the kernel holds them (ro, allow_other, default_permissions, fsname) or "
+               "the caches it keeps were granted under them (timeout, nowatch, max_path_fds, max_stack_depth)",
+    "passthrough": "--passthrough was negotiated with the kernel at INIT, and its backing ids are registered",
+    "request_timeout": "--request-timeout was negotiated with the kernel at INIT",
+    "supervise": "--supervise is what the mount is, not its server",
+    "foreground": "--foreground is what the mount is, not its server",
+}
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Ask a supervised mount's supervisor for a new server (new code; new options where they may change)."""
+    refused = [key for key in _REFUSED if getattr(args, f"refused_{key}", None)]
+    if refused:
+        raise UsageError(f"{_REFUSED[refused[0]]}; to change it, unmount and mount again (nothing was restarted)")
+    changes = _restart_changes(args)
+    mnt = os.path.abspath(args.mountpoint)
+    entry = mountmod.mount_entry(mnt)
+    if entry is None or not entry[1].startswith("fuse"):
+        raise UsageError(f"{mnt} is not a FUSE mount")
+    connection = mountmod.connection_id(mnt)
+    assert connection is not None
+    path = control.supervisor_socket_path(connection)
+    try:
+        st: dict[str, Any] | None = control.query(mnt, timeout=5)
+    except OSError:
+        st = None  # between servers, or not fusepass's: the supervisor socket decides
+    if st is not None and not st.get("restarts"):
+        raise UsageError(f"{mnt} is not supervised (mounted without --supervise): its server cannot be replaced "
+                         "without unmounting")
+    if not os.path.exists(path):
+        why = "its server is not answering either" if st is None else "it was started by an older fusepass"
+        raise UsageError(f"no supervisor of {mnt} takes restart requests ({why})")
+    reply = control.ask(path, {"command": "restart", "options": changes}, 3 * READY_TIMEOUT + HAND_OVER_TIMEOUT,
+                        f"the supervisor of {mnt}")
+    if reply.get("refused"):
+        raise UsageError(f"restart of {mnt} refused: {reply['error']} (nothing was restarted)")
+    if "error" in reply:
+        print(f"{PROG}: restart of {mnt} failed: {reply['error']}", file=sys.stderr)
+        return 1
+    how = "handed over" if reply["handed_over"] else "killed (it did not hand over in time), replaced"
+    print(f"restarted the server of {mnt}: pid {reply['previous_pid']} {how} to pid {reply['pid']}; "
+          f"callers waited at most {reply['waited_ms']:.0f} ms")
+    return 0
+
+
+def _restart_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``restart`` was given, checked, as changes to the supervised server's spec. The
+    rules are replaced as a whole if any rule option is given (``--no-rules``: none)."""
+    changes: dict[str, Any] = {}
+    if args.no_rules or args.rules or args.hide or args.deny or args.read_only:
+        if args.no_rules and (args.rules or args.hide or args.deny or args.read_only):
+            raise UsageError("--no-rules cannot be combined with rules")
+        changes.update(hide=args.hide or [], deny=args.deny or [], read_only=args.read_only or [], rules=None,
+                       rules_text=None)
+        changes.update(_absolute_paths(argparse.Namespace(rules=args.rules)))
+        _policy(argparse.Namespace(**changes, audit_log=None))
+    if args.audit_log is not None:
+        changes["audit_log"] = os.path.abspath(args.audit_log) if args.audit_log else None
+        if args.audit_log:
+            try:
+                AuditLog(args.audit_log).close()
+            except OSError as e:
+                raise UsageError(f"cannot open the audit log {args.audit_log}: {describe(e)}") from None
+    if args.log:
+        _writable(args.log, "log")
+        changes["log"] = os.path.abspath(args.log)
+    if args.debug is not None:
+        changes["debug"] = args.debug
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    if args.deadline is not None:
+        changes["deadline"] = args.deadline or None
+    return changes
 
 
 def _remove_demo_dir(mnt: str) -> None:
@@ -561,6 +733,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if files are open on it, detach it now and return at once; the server exits at the "
                         "last close")
     u.set_defaults(func=cmd_umount)
+    r = sub.add_parser("restart", help="replace the server of a supervised mount: new code, new options where "
+                                       "they may change; requests in flight are finished first",
+                       description="Replace the server of a mount made with --supervise by one started afresh "
+                                   "(the code installed now), with the options given changed and the others as "
+                                   "they were. The old server answers the requests it has read and exits; "
+                                   "callers wait meanwhile and see no error. If the new server cannot start, the "
+                                   "old one serves on. Rule options replace all the rules.")
+    r.add_argument("mountpoint", help="where the supervised mirror is mounted")
+    r.add_argument("--hide", action="append", metavar="GLOB", help="as for mount (repeatable)")
+    r.add_argument("--deny", action="append", metavar="SPEC", help="as for mount (repeatable)")
+    r.add_argument("--read-only", action="append", metavar="GLOB", help="as for mount (repeatable)")
+    r.add_argument("--rules", metavar="FILE", help="as for mount")
+    r.add_argument("--no-rules", action="store_true", help="no rules at all")
+    r.add_argument("--audit-log", metavar="FILE", help="as for mount; '' for none")
+    r.add_argument("--log", metavar="FILE", help="as for mount (the supervisor's own warnings stay where they went)")
+    r.add_argument("--debug", action=argparse.BooleanOptionalAction, default=None,
+                   help="trace every request and reply (or no longer)")
+    r.add_argument("--threads", type=thread_count, metavar="N", help="worker threads")
+    r.add_argument("--deadline", type=_seconds_or_none, metavar="SECONDS", help="as for mount; 0 for none")
+    for flag, key, kind in (("-o", "options", "append"), ("--passthrough", "passthrough", "store"),
+                            ("--request-timeout", "request_timeout", "store"),
+                            ("--supervise", "supervise", "store_true"), ("--foreground", "foreground", "store_true")):
+        r.add_argument(flag, dest=f"refused_{key}", action=kind, help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_restart)
     s = sub.add_parser("status", help="show what fusepass mounts are doing")
     s.add_argument("mountpoint", nargs="?", help="one mount (default: every fusepass mount)")
     s.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")

@@ -1,9 +1,11 @@
 """A Unix socket per mount through which ``fusepass status`` asks a running server for its state,
-and the status document it answers with.
+and the status document it answers with; and the socket of a supervised mount's supervisor,
+through which ``fusepass restart`` asks for a new server.
 
 The exchange is one line each way: the client sends a JSON object naming a command
-(``{"command": "status"}``), the server answers with one JSON object (the command's
-document, or ``{"error": "..."}``) and closes the connection.
+(``{"command": "status"}``; the supervisor's ``{"command": "restart", "options": {...}}``), the
+server answers with one JSON object (the command's document, or ``{"error": "..."}``) and
+closes the connection.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from . import __version__
 from . import mount as mountmod
 from .session import Session
 
@@ -37,6 +41,7 @@ def status_document(session: Session) -> dict[str, Any]:
         "mountpoint": session.mountpoint,
         "fsname": o.fsname,
         "pid": os.getpid(),
+        "version": __version__,  # of the code this server runs (``fusepass restart`` installs new code)
         "uptime_s": round(time.time() - session.started, 3),
         "options": {
             "fsname": o.fsname, "subtype": o.subtype, "allow_other": o.allow_other,
@@ -82,6 +87,28 @@ def socket_path(connection: int) -> str:
     return os.path.join(runtime_dir(), f"{connection}.sock")
 
 
+def supervisor_socket_path(connection: int) -> str:
+    return os.path.join(runtime_dir(), f"{connection}.supervisor.sock")
+
+
+def listen(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` (in a directory only its owner may enter), replacing
+    one left by a process that was killed."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(8)
+    return sock
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return int(uid)
+
+
 MAX_REQUEST = 4096
 _CLIENT_TIMEOUT = 2.0
 
@@ -113,12 +140,7 @@ class ControlServer:
     def __init__(self, commands: Commands, connection: int) -> None:
         self.commands = commands
         self.path = socket_path(connection)
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # left by a server that was killed
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(self.path)
-        self._sock.listen(8)
+        self._sock = listen(self.path)
         self._thread = threading.Thread(target=self._serve, name="fusepass-control", daemon=True)
         self._thread.start()
 
@@ -131,7 +153,7 @@ class ControlServer:
             with conn:
                 try:
                     conn.settimeout(_CLIENT_TIMEOUT)
-                    reply = answer(_read_line(conn), self.commands)
+                    reply = answer(read_line(conn), self.commands)
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except OSError as e:
                     log.warning("control connection: %s", e)
@@ -144,7 +166,7 @@ class ControlServer:
             os.unlink(self.path)
 
 
-def _read_line(conn: socket.socket) -> bytes:
+def read_line(conn: socket.socket) -> bytes:
     """One request line, at most MAX_REQUEST bytes (a longer one is cut there and fails to parse)."""
     data = b""
     while b"\n" not in data and len(data) < MAX_REQUEST:
@@ -161,21 +183,29 @@ def query(mountpoint: str, timeout: float = 5.0, command: str = "status") -> dic
     connection = mountmod.connection_id(mnt)
     if connection is None:
         raise OSError(errno.ENOENT, f"{mnt} is not a FUSE mount")
-    path = socket_path(connection)
+    reply = ask(socket_path(connection), {"command": command}, timeout, f"the server of {mnt}")
+    if "error" in reply and len(reply) == 1:
+        raise OSError(errno.EPROTO, f"the server of {mnt}: {reply['error']}")
+    return reply
+
+
+def ask(path: str, message: dict[str, Any], timeout: float, who: str) -> dict[str, Any]:
+    """Send ``message`` to the socket at ``path`` and return the JSON object answered (``who``
+    names the other end in errors)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise OSError(errno.ECONNREFUSED,
-                          f"the server of {mnt} is not answering (no control socket {path})") from None
-        s.sendall(json.dumps({"command": command}).encode() + b"\n")
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    reply = json.loads(b"".join(chunks))
+            raise OSError(errno.ECONNREFUSED, f"{who} is not answering (no control socket {path})") from None
+        s.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while b"\n" not in data and (chunk := s.recv(65536)):
+            data += chunk
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
     if not isinstance(reply, dict):
-        raise OSError(errno.EPROTO, f"the server of {mnt} answered with something other than a JSON object")
-    if "error" in reply and len(reply) == 1:
-        raise OSError(errno.EPROTO, f"the server of {mnt}: {reply['error']}")
+        raise OSError(errno.EPROTO, f"{who} answered with something other than a JSON object")
     return reply

@@ -288,6 +288,8 @@ class Dispatcher:
         if self.journal is not None:  # supervised: count what the kernel resent, record changes begun
             if h.unique & abi.UNIQUE_RESEND:
                 self.resent += 1
+                self._uncount(h.unique)
+            self.journal.serving(h.unique)
             in_doubt = opcode in _CHANGES and self._begin_change(h.unique)
         err = 0
         r = None
@@ -321,6 +323,14 @@ class Dispatcher:
         return _new_tuple(Outcome, (reply, ctx.undo, self._on_initialized if opcode == abi.Opcode.INIT else None))
 
     # --- requests a predecessor may have carried out -------------------------------------
+
+    def _uncount(self, unique: int) -> None:
+        """A resent request: the lookups a predecessor counted for it never reached the kernel (it
+        resends only what it had no reply to): forget them, or their nodes would never be forgotten."""
+        assert self.journal is not None
+        items = self.journal.uncount(unique & ~abi.UNIQUE_RESEND)
+        if items:
+            self.fs.forget(items)
 
     def _begin_change(self, unique: int) -> bool:
         """Record that a change is about to be made for request ``unique``; True if a predecessor

@@ -32,8 +32,9 @@ _OPEN = struct.Struct("<QQIBQ")  # fh, nodeid, open flags, is a directory, the r
 _RELEASE = struct.Struct("<QB")  # fh, is a directory
 _BACKING = struct.Struct("<Qi")  # nodeid, backing id
 _ID = struct.Struct("<Q")
+_COUNTED = struct.Struct("<QQQ")  # the request's unique, nodeid, n
 
-INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT = range(1, 10)
+INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED = range(1, 12)
 #: Changes begun that are remembered (the kernel's uniques never repeat: only the latest matter).
 KEEP_INTENTS = 4096
 #: The log is compacted when it is this many times the size of the live state (and at least MIN_COMPACT).
@@ -54,6 +55,9 @@ class State:
     #: Requests (by unique, without the resend bit) whose change was begun: if one comes again,
     #: resent, its change may have been made already.
     intents: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    #: The lookups each recent request counted (by unique, without the resend bit): if it comes again,
+    #: resent, none of them reached the kernel (it would not resend a request it had the reply to).
+    counted: OrderedDict[int, list[tuple[int, int]]] = field(default_factory=OrderedDict)
 
     def apply(self, kind: int, payload: bytes) -> None:
         if kind == NODE:
@@ -87,6 +91,13 @@ class State:
             self.intents[_ID.unpack(payload)[0]] = None
             if len(self.intents) > KEEP_INTENTS:
                 self.intents.popitem(last=False)
+        elif kind == COUNTED:
+            unique, nodeid, n = _COUNTED.unpack(payload)
+            self.counted.setdefault(unique, []).append((nodeid, n))
+            if len(self.counted) > KEEP_INTENTS:
+                self.counted.popitem(last=False)
+        elif kind == UNCOUNTED:
+            self.counted.pop(_ID.unpack(payload)[0], None)
         elif kind == INIT:
             self.init = payload
 
@@ -108,6 +119,8 @@ class State:
         for nodeid, backing_id in self.backing.items():
             out.append((BACKING, _BACKING.pack(nodeid, backing_id)))
         out += [(INTENT, _ID.pack(unique)) for unique in self.intents]
+        out += [(COUNTED, _COUNTED.pack(unique, nodeid, n)) for unique, items in self.counted.items()
+                for nodeid, n in items]
         return out
 
 
@@ -151,6 +164,7 @@ class Journal:
     def __init__(self, fds: tuple[int, int]) -> None:
         self.fds = fds
         self._lock = threading.Lock()
+        self._serving = threading.local()  # .unique: the request this thread serves (``serving``)
         found = [_read(fd) for fd in fds]
         best = max(range(2), key=lambda i: found[i][0])
         self.generation, self.state, _ = found[best]
@@ -167,12 +181,31 @@ class Journal:
     def init(self, body: bytes) -> None:
         self._append(INIT, bytes(body))
 
+    def serving(self, unique: int) -> None:
+        """This thread now serves request ``unique``: the lookups it records are that request's."""
+        self._serving.unique = unique & ~RESEND_BIT
+
     def node(self, nodeid: int, identity: bytes) -> None:
         """A node id handed out for the first time, with one lookup."""
-        self._append(NODE, _NODE.pack(nodeid, 1) + identity)
+        self._append(NODE, _NODE.pack(nodeid, 1) + identity, self._counted(nodeid, 1))
 
     def lookup(self, nodeid: int, n: int = 1) -> None:
-        self._append(LOOKUP, _COUNT.pack(nodeid, n))
+        self._append(LOOKUP, _COUNT.pack(nodeid, n), self._counted(nodeid, n))
+
+    def uncount(self, unique: int) -> list[tuple[int, int]]:
+        """The lookups (nodeid, n) a predecessor counted for request ``unique`` (without the resend
+        bit), which the kernel resent: none reached it, so the caller forgets them. They are taken
+        out of the journal first (a crash in between leaves a lookup too many, a leak, never one
+        too few)."""
+        with self._lock:
+            items = self.state.counted.get(unique)
+        if items:
+            self._append(UNCOUNTED, _ID.pack(unique))
+        return items or []
+
+    def _counted(self, nodeid: int, n: int) -> bytes:
+        unique = getattr(self._serving, "unique", 0)
+        return _record(COUNTED, _COUNTED.pack(unique, nodeid, n)) if unique else b""
 
     def forget(self, nodeid: int, n: int) -> None:
         self._append(FORGET, _COUNT.pack(nodeid, n))
@@ -204,10 +237,13 @@ class Journal:
         """Whether a predecessor began the change of request ``unique`` (without the resend bit)."""
         return unique in self.state.intents
 
-    def _append(self, kind: int, payload: bytes) -> None:
-        record = _record(kind, payload)
+    def _append(self, kind: int, payload: bytes, counted: bytes = b"") -> None:
+        """One record, and the COUNTED record of a lookup in the same ``pwrite``."""
+        record = _record(kind, payload) + counted
         with self._lock:
             self.state.apply(kind, payload)
+            if counted:
+                self.state.apply(COUNTED, counted[_RECORD.size:])
             os.pwrite(self.fds[self._active], record, self._end)
             self._end += len(record)
             self.records_written += 1

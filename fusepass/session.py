@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from . import abi
+from . import abi, syscalls
 from . import mount as mountmod
 from . import protocol as P
 from .backing import BackingRegistry
@@ -52,6 +52,9 @@ _END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
 _RETRY_ERRNOS = (errno.ENOENT, errno.EAGAIN, errno.EINTR)  # ENOENT: the request was interrupted meanwhile
 #: Set to 1 to make io_uring the default transport of every session (``-o io_uring`` per mount).
 IO_URING_ENV = "FUSEPASS_IO_URING"
+#: Wakes a worker blocked in read(2) when the session hands its connection over (``hand_over``);
+#: whoever calls that must have a handler for it installed, in the main thread.
+WAKE_SIGNAL = signal.SIGUSR1
 
 
 class SessionError(RuntimeError):
@@ -142,6 +145,11 @@ class Session:
         self._stopping = False
         self._closed = False
         self._descriptors_closed = False  # under _lock: late replies from the loop go nowhere then
+        self._handing_over = False  # set once: workers read no more requests
+        self._stopped_reading: set[int] = set()  # under _lock: the workers (thread idents) that read no more
+        self._released = threading.Event()  # a handing-over worker waits for it before its thread ends
+        #: The workers ended with every request they had read answered: the connection is a successor's.
+        self.handed_over = False
 
     def _make_dispatcher(self) -> Dispatcher:
         return Dispatcher(
@@ -366,6 +374,33 @@ class Session:
         except OSError as e:
             log.warning("unmount of %s: %s", self.mountpoint, e)
 
+    def hand_over(self, timeout: float = 10.0) -> bool:
+        """Leave the connection to a successor, for a planned restart under a supervisor (which holds
+        its descriptors): the workers read no more requests, answer those they have read, and end;
+        requests arriving meanwhile wait in the kernel for the successor. A worker blocked in
+        read(2) is woken with WAKE_SIGNAL. True once every worker has ended (``run`` then returns,
+        and ``close`` leaves the mount, the descriptors and the backing ids alone); False if one
+        is still serving a request after ``timeout`` seconds."""
+        with self._lock:
+            self._handing_over = True
+            workers = list(self._workers)
+        deadline = time.monotonic() + timeout
+        try:
+            for t in workers:
+                while True:
+                    with self._lock:
+                        if t.ident in self._stopped_reading:
+                            break
+                    # Alive: a worker past its loop waits for _released before its thread ends.
+                    signal.pthread_kill(t.ident or 0, WAKE_SIGNAL)
+                    if time.monotonic() > deadline:
+                        return False
+                    t.join(0.002)
+        finally:
+            self._released.set()
+        self.handed_over = True
+        return True
+
     def abort(self) -> None:
         """Abort the connection: pending and future requests fail with ENOTCONN."""
         if self.connection_id is not None:
@@ -379,6 +414,11 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self.handed_over:  # the connection is a successor's: only what is this process's own ends
+            if self.runner is not None:
+                self.runner.close()
+            self._destroy_fs()
+            return
         if self.journal is not None and self._workers and not self._finished.is_set():
             return  # supervised, and the connection lives on: everything it holds is the successor's
         if self._workers and not self._finished.is_set():  # no workers: start() failed, nothing to wait for
@@ -409,6 +449,9 @@ class Session:
                 except OSError:
                     pass
             self._devices = []
+        self._destroy_fs()
+
+    def _destroy_fs(self) -> None:
         try:
             self.fs.destroy()
         except Exception:
@@ -450,18 +493,19 @@ class Session:
         inview = memoryview(inbuf)
         handle = self.dispatcher.handle
         gate = self.in_flight  # None unless coroutines serve some requests
+        read = self._reader(fd, inbuf)
         try:
             while True:
                 if gate is not None:
                     gate.before_read()
                 try:
-                    n = os.readv(fd, [inbuf])
+                    n = read()
                 except OSError as e:
                     if gate is not None:
                         gate.after_read()
-                    if e.errno in _RETRY_ERRNOS:
+                    if e.errno in _RETRY_ERRNOS and not self._handing_over:
                         continue
-                    if e.errno not in _END_ERRNOS:
+                    if e.errno not in _END_ERRNOS + _RETRY_ERRNOS:
                         log.error("reading %s: %s", mountmod.DEVICE, e)
                     return
                 if n == 0:  # end of file: never from /dev/fuse, but from a socket standing in for it
@@ -471,13 +515,35 @@ class Session:
                     deliver(fd, outcome)
                 if gate is not None:
                     gate.after_read()
+                if self._handing_over:
+                    return
         finally:
+            with self._lock:
+                self._stopped_reading.add(threading.get_ident())
+                handing_over = self._handing_over
+            if handing_over:
+                self._released.wait()
             with self._lock:
                 self._alive -= 1
                 last = self._alive == 0
             if last:
                 self._ready.set()
                 self._finished.set()
+
+    def _reader(self, fd: int, buf: bytearray) -> Callable[[], int]:
+        """How a worker reads a request into ``buf``: under a supervisor with a read(2) that
+        WAKE_SIGNAL interrupts (``os.readv`` retries it), so that ``hand_over`` can stop it."""
+        if self.journal is None:
+            return lambda: os.readv(fd, [buf])
+        address = syscalls.buffer_address(buf)
+
+        def read() -> int:
+            n = syscalls.read_interruptible(fd, address, len(buf))
+            if n < 0:
+                raise OSError(-n, os.strerror(-n))
+            return n
+
+        return read
 
     def _deliver_later(self, fd: int, outcome: Outcome) -> None:
         """Deliver a reply a coroutine produced, unless the session has closed its descriptors

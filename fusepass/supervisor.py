@@ -8,6 +8,13 @@ finds the connection as it was: the requests queued meanwhile, and, once it send
 FUSE_NOTIFY_RESEND, those its predecessor read and never answered. The journal
 (``fusepass.journal``) gives it everything the predecessor handed the kernel.
 
+``fusepass restart`` asks the supervisor, on its own socket (``fusepass.control``), for a new
+server: one executed afresh (``python -m fusepass.successor``: the code on disk now) with new
+options where they may change. It is made first, while the old one serves; then the old one
+hands the connection over (``Session.hand_over``: it reads no more requests, answers those it
+has read and exits; callers wait in the kernel meanwhile) and the new one takes it. A new server
+that cannot start changes nothing; from then on, successors after a crash run the new code too.
+
 A server that ends with status 0 (the connection ended: unmounted) ends the supervisor. If the
 first server never becomes ready, or servers die before becoming ready ``QUICK_FAILURES``
 times in a row, no other is started: the mount is detached and, with the supervisor's
@@ -16,23 +23,28 @@ descriptors closed, the connection ends (callers get ENOTCONN, as without a supe
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import json
 import logging
 import os
 import resource
 import select
 import signal
+import socket
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
+from typing import Any
 
+from . import control, successor
 from . import journal as journalmod
 from . import mount as mountmod
 from .device import Device
 from .stall import Stall
+from .successor import Prepare
 
 log = logging.getLogger("fusepass")
 
@@ -72,6 +84,19 @@ class Restarts:
 #: so far, the descriptor to write b"ready\n" or an error to) -> exit status.
 ServerMain = Callable[[list[Device], tuple[int, int], Restarts, int], int]
 
+#: Sent to a server to have it hand its connection over (``Session.hand_over``) and exit.
+HAND_OVER_SIGNAL = signal.SIGUSR2
+#: Seconds a server may take to answer the requests it has read when asked to hand over; then it is killed
+#: (its successor is resent what it read: still no caller sees an error).
+HAND_OVER_TIMEOUT = 10.0
+#: Seconds a new server may take to be made, or to become ready once given the connection.
+READY_TIMEOUT = 60.0
+#: With a deadline, a server may take this long on top of it to be made (an interpreter's start), and
+#: at least TAKE_OVER_MIN to become ready once given the connection: callers wait meanwhile, so a
+#: server that hangs before it is ready is killed and replaced like one that hangs later.
+STARTUP_ALLOWANCE = 10.0
+TAKE_OVER_MIN = 5.0
+
 
 def describe_exit(status: int) -> str:
     """A wait status in words: "killed by SIGKILL", "exit status 70"."""
@@ -80,22 +105,78 @@ def describe_exit(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-class Supervisor:
-    """Mount ``options`` at ``mountpoint`` with ``threads`` descriptors and serve it with
-    ``server`` in a child, restarted whenever it dies; ``run`` returns an exit status.
-    ``deadline``: seconds a server may leave requests waiting without progress before it is
-    killed and replaced (``fusepass.stall``); None: never."""
+class _Child:
+    """A server being started or serving, and the two pipes to it (``fusepass.successor``)."""
 
-    def __init__(self, mountpoint: str, options: mountmod.MountOptions, threads: int, server: ServerMain,
-                 deadline: float | None = None) -> None:
+    def __init__(self, pid: int, inbox: int, report: int) -> None:
+        self.pid = pid
+        self._inbox: int | None = inbox
+        self._report = report
+        self._buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        """One line to the server; lost if it is dead (which ``line`` then tells)."""
+        if self._inbox is not None:
+            try:
+                os.write(self._inbox, json.dumps(message).encode() + b"\n")
+            except OSError:
+                pass
+
+    def line(self, timeout: float) -> str:
+        """The server's next line: "" if it ended its pipe, "timed out" after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._report], [], [], left)[0]:
+                return "timed out"
+            chunk = os.read(self._report, 4096)
+            if not chunk:
+                return self._buffer.decode(errors="replace").strip()
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace").strip()
+
+    def close(self) -> None:
+        """Close the pipes (a server that has not been given the connection then gives up)."""
+        if self._inbox is not None:
+            os.close(self._inbox)
+            self._inbox = None
+        if self._report >= 0:
+            os.close(self._report)
+            self._report = -1
+
+
+class Supervisor:
+    """Mount ``options`` at ``mountpoint`` and serve it with a server made by ``prepare(spec)`` in a
+    child, restarted whenever it dies; ``run`` returns an exit status. ``spec`` is the server's
+    options as a JSON object: the supervisor itself reads ``threads`` (descriptors) and
+    ``deadline`` (seconds a server may leave requests waiting without progress before it is killed
+    and replaced, ``fusepass.stall``; None: never). ``changeable``: the keys of ``spec`` that
+    ``fusepass restart`` may change; ``vet(old spec, new spec)``: why a change is refused, or None."""
+
+    def __init__(self, mountpoint: str, options: mountmod.MountOptions, spec: dict[str, Any], prepare: Prepare,
+                 changeable: frozenset[str] = frozenset(),
+                 vet: Callable[[dict[str, Any], dict[str, Any]], str | None] = lambda old, new: None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.options = options
-        self.threads = threads
-        self.server = server
-        self.deadline = deadline
+        self.spec = spec
+        self.prepare = prepare
+        self.changeable = changeable
+        self.vet = vet
         self.connection: int | None = None
-        self.child: int | None = None
+        self.child: _Child | None = None
         self.restarts = Restarts(os.getpid())
+        self.devices: list[Device] = []
+        self.files: tuple[int, int] = (-1, -1)
+        #: After a restart on request, successors run the code on disk (executed), not the supervisor's.
+        self.exec_successors = False
+        self._listener: socket.socket | None = None
+        self._asking: socket.socket | None = None  # the connection being answered (a forked server closes it)
+
+    @property
+    def deadline(self) -> float | None:
+        value = self.spec.get("deadline")
+        return None if value is None else float(value)
 
     def run(self, ready_fd: int | None) -> int:
         _raise_descriptor_limit()
@@ -104,34 +185,42 @@ class Supervisor:
         except OSError as e:
             _report(ready_fd, f"{e.strerror or e}")
             return 1
-        devices = [mount.device]
+        self.devices = [mount.device]
         self.connection = mountmod.connection_id(self.mountpoint)
         if self.deadline is not None:
             mountmod.ensure_fusectl()
         try:
-            devices += [mount.device.clone() for _ in range(self.threads - 1)]
+            self.devices += [mount.device.clone() for _ in range(int(self.spec["threads"]) - 1)]
         except OSError as e:
-            log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(devices))
-        files = journalmod.create_files()
+            log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(self.devices))
+        self.files = journalmod.create_files()
+        if self.connection is not None:
+            try:
+                self._listener = control.listen(control.supervisor_socket_path(self.connection))
+            except OSError as e:
+                log.warning("no supervisor socket (fusepass restart will not reach this mount): %s", e)
         previous = [(sig, signal.signal(sig, self._forward)) for sig in _FORWARDED]
         try:
-            return self._supervise(devices, files, ready_fd)
+            return self._supervise(ready_fd)
         finally:
             for sig, handler in previous:
                 signal.signal(sig, handler)
+            if self._listener is not None and self.connection is not None:
+                self._listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(control.supervisor_socket_path(self.connection))
 
-    def _supervise(self, devices: list[Device], files: tuple[int, int], ready_fd: int | None) -> int:
+    def _supervise(self, ready_fd: int | None) -> int:
         quick = 0
         first = True
         while True:
             started = time.monotonic_ns()
-            pid, ready = self._start(devices, files, ready_fd if first else None)
-            status, hung = self._wait(pid)
+            ready, late = self._start_now(ready_fd if first else None, self.exec_successors and quick == 0)
+            status, hung = self._wait()
             died = time.monotonic_ns()
-            self.child = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 return 0  # the connection ended
-            cause = hung or describe_exit(status)
+            cause = late or hung or describe_exit(status)
             quick = 0 if ready else quick + 1
             if first and not ready or quick >= QUICK_FAILURES:
                 log.error("the server of %s failed (%s) before it served; giving the mount up",
@@ -140,64 +229,222 @@ class Supervisor:
                 return 1
             log.warning("the server of %s died (%s) after %.1f s; starting another", self.mountpoint, cause,
                         (died - started) / 1e9)
-            r = self.restarts
-            r.count += 1
-            r.last_cause = cause
-            r.last_at = datetime.now(UTC).isoformat()
-            r.died_ns = died
+            self._count(cause, died)
             first = False
 
-    def _start(self, devices: list[Device], files: tuple[int, int], ready_fd: int | None) -> tuple[int, bool]:
-        """Fork a server; wait until it is ready or dead. (pid, whether it became ready)."""
-        r, w = os.pipe()
+    def _count(self, cause: str, since_ns: int) -> None:
+        r = self.restarts
+        r.count += 1
+        r.last_cause = cause
+        r.last_at = datetime.now(UTC).isoformat()
+        r.died_ns = since_ns
+
+    def _prepare_timeout(self) -> float:
+        return READY_TIMEOUT if self.deadline is None else self.deadline + STARTUP_ALLOWANCE
+
+    def _ready_timeout(self) -> float:
+        return READY_TIMEOUT if self.deadline is None else max(self.deadline, TAKE_OVER_MIN)
+
+    def _start_now(self, ready_fd: int | None, execute: bool) -> tuple[bool, str | None]:
+        """Start a server and give it the connection at once (no predecessor serves); wait until it
+        is ready, dead, or past its time (then it is killed, and ``_wait`` finds it dead).
+        (Whether it became ready, why it was killed or None.)"""
+        child = self._spawn(self.spec, self.devices, execute, ready_fd)
+        self.child = child
+        child.send(asdict(self.restarts))
+        line = child.line(self._prepare_timeout())
+        if line == "prepared":
+            line = child.line(self._ready_timeout())
+        ready = line.startswith("ready")
+        late = None
+        if ready:
+            self.restarts.recovered()
+        elif line == "timed out":
+            late = "not ready in time"
+            log.warning("the server of %s was %s: killing it", self.mountpoint, late)
+            _kill(child.pid)
+        if ready_fd is not None:
+            _report(ready_fd, line or "the server exited before the mount was ready")
+        return ready, late
+
+    def _spawn(self, spec: dict[str, Any], devices: list[Device], execute: bool,
+               ready_fd: int | None = None) -> _Child:
+        """Fork a server (``execute``: running ``python -m fusepass.successor``, the code on disk) and
+        send it ``spec``."""
+        inbox_r, inbox_w = os.pipe()
+        report_r, report_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the server
             status = 70
             try:
-                os.close(r)
-                if ready_fd is not None:
-                    os.close(ready_fd)
+                for sock in (self._listener, self._asking):
+                    if sock is not None:
+                        sock.close()
+                for fd in (inbox_w, report_r, ready_fd):
+                    if fd is not None:
+                        os.close(fd)
                 for sig in _FORWARDED:
                     signal.signal(sig, signal.SIG_DFL)
                 os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone, which passes on one signal
-                status = self.server(devices, files, copy.deepcopy(self.restarts), w)
+                if execute:
+                    for fd in [d.fd for d in devices] + [*self.files, inbox_r, report_w]:
+                        os.set_inheritable(fd, True)
+                    argv = successor.command(devices, self.files, inbox_r, report_w)
+                    os.execv(argv[0], argv)
+                status = successor.run(self.prepare, devices, self.files, inbox_r, report_w)
             except BaseException:
                 log.exception("the server failed")
             finally:
                 os._exit(status)
-        os.close(w)
-        self.child = pid
-        with os.fdopen(r, "rb") as f:
-            line = f.readline()
-        ready = line.startswith(b"ready")
-        if ready:
-            self.restarts.recovered()
-        if ready_fd is not None:
-            _report(ready_fd, line.decode(errors="replace").strip() or "the server exited before the mount was ready")
-        return pid, ready
+        os.close(inbox_r)
+        os.close(report_w)
+        child = _Child(pid, inbox_w, report_r)
+        child.send(spec)
+        return child
 
-    def _wait(self, pid: int) -> tuple[int, str | None]:
-        """Wait for the server to end: (its wait status, why it was killed as hung or None)."""
-        if self.deadline is None or self.connection is None:
-            return os.waitpid(pid, 0)[1], None
-        stall = Stall(pid, self.connection, self.deadline)
-        hung = None
-        pidfd = os.pidfd_open(pid)
+    def _wait(self) -> tuple[int, str | None]:
+        """Wait for the server to end, answering the supervisor socket meanwhile (a restart replaces
+        the server watched): (its wait status, why it was killed as hung or None)."""
+        while True:
+            assert self.child is not None
+            pid = self.child.pid
+            deadline = self.deadline
+            stall = Stall(pid, self.connection, deadline) if deadline is not None and self.connection else None
+            hung = None
+            pidfd = os.pidfd_open(pid)
+            try:
+                watched = [pidfd] + ([self._listener] if self._listener is not None else [])
+                while True:
+                    ready = select.select(watched, [], [], None if stall is None or deadline is None
+                                          else deadline / 4)[0]
+                    if pidfd in ready:
+                        break
+                    if self._listener is not None and self._listener in ready:
+                        self._answer_one()
+                        if self.child.pid != pid or self.deadline != deadline:
+                            break  # restarted: watch the new server (with the deadline now asked for)
+                    why = stall.check() if stall is not None and hung is None else None
+                    if why is not None:
+                        hung = f"hung ({why})"
+                        log.warning("the server of %s is %s: killing it", self.mountpoint, hung)
+                        _kill(pid)
+            finally:
+                os.close(pidfd)
+            if self.child.pid == pid and self.deadline == deadline:
+                status = os.waitpid(pid, 0)[1]
+                self.child.close()
+                return status, hung
+
+    # --- fusepass restart ---------------------------------------------------------------
+
+    def _answer_one(self) -> None:
+        """Answer one request on the supervisor socket (one line each way, as ``fusepass.control``)."""
+        assert self._listener is not None
         try:
-            while not select.select([pidfd], [], [], self.deadline / 4)[0]:
-                why = stall.check() if hung is None else None
-                if why is not None:
-                    hung = f"hung ({why})"
-                    log.warning("the server of %s is %s: killing it", self.mountpoint, hung)
-                    os.kill(pid, signal.SIGKILL)
-        finally:
-            os.close(pidfd)
-        return os.waitpid(pid, 0)[1], hung
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        self._asking = conn
+        with conn:
+            try:
+                conn.settimeout(2.0)
+                if control.peer_uid(conn) not in (0, os.geteuid()):
+                    reply: dict[str, Any] = {"error": "only the mount's owner or root may restart its server"}
+                else:
+                    reply = self._command(control.read_line(conn))
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError as e:
+                log.warning("supervisor socket: %s", e)
+            finally:
+                self._asking = None
+
+    def _command(self, request: bytes) -> dict[str, Any]:
+        try:
+            message = json.loads(request)
+        except (ValueError, UnicodeDecodeError):
+            message = None
+        if not isinstance(message, dict) or message.get("command") != "restart":
+            return {"error": "the supervisor knows one command: restart"}
+        changes = message.get("options", {})
+        if not isinstance(changes, dict) or not set(changes) <= self.changeable:
+            refused = sorted(set(changes) - self.changeable) if isinstance(changes, dict) else changes
+            return {"error": f"these options cannot change on a restart: {refused}", "refused": True}
+        return self._restart(changes)
+
+    def _restart(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Replace the server with one running the code on disk and ``changes`` to its options:
+        the new one is made first, then the old one hands the connection over (answering what
+        it has read; callers wait in the kernel meanwhile), then the new one takes it. If the new
+        one cannot start, the old one was never disturbed; if it fails after taking over, a server
+        with the supervisor's own code and the old options takes its place."""
+        assert self.child is not None
+        old = self.child
+        spec = {**self.spec, **changes}
+        refused = self.vet(self.spec, spec)
+        if refused is not None:
+            return {"error": refused, "refused": True}
+        try:
+            devices = self._devices_for(int(spec["threads"]))
+        except OSError as e:
+            return {"error": f"cannot make the descriptors for {spec['threads']} threads: {e}"}
+        new = self._spawn(spec, devices, execute=True)
+        line = new.line(READY_TIMEOUT)
+        if line != "prepared":
+            return {"error": self._discard(new, line)}
+        began = time.monotonic_ns()
+        status = _stop(old.pid, HAND_OVER_SIGNAL, HAND_OVER_TIMEOUT)
+        old.close()
+        handed_over = os.WIFEXITED(status) and os.WEXITSTATUS(status) == successor.EXIT_HANDED_OVER
+        cause = "restart requested" + ("" if handed_over else f" (the old server did not hand over: "
+                                                               f"{describe_exit(status)})")
+        self._count(cause, began)
+        self.child = new
+        new.send(asdict(self.restarts))
+        line = new.line(self._ready_timeout())
+        if line.startswith("ready"):
+            self.restarts.recovered()
+            self.spec, self.exec_successors = spec, True
+            self._trim(len(devices))
+            if self.deadline is not None:
+                mountmod.ensure_fusectl()
+            log.warning("the server of %s was restarted on request: pid %d took over from %d",
+                        self.mountpoint, new.pid, old.pid)
+            return {"pid": new.pid, "previous_pid": old.pid, "handed_over": handed_over,
+                    "waited_ms": self.restarts.recoveries_ms[-1]}
+        why = self._discard(new, line)
+        self._count(f"restart requested; the new server failed ({why})", time.monotonic_ns())
+        self.exec_successors = False
+        log.error("the new server of %s failed (%s); serving on with the supervisor's code", self.mountpoint, why)
+        ready, _ = self._start_now(None, execute=False)
+        serving = f"pid {self.child.pid} serves on" if ready else "no server serves yet"
+        return {"error": f"the new server failed after taking over ({why}); {serving} with the code the "
+                         "supervisor started with and the options it had"}
+
+    def _discard(self, child: _Child, line: str) -> str:
+        """Stop a server that never served and reap it; why it failed, in words."""
+        child.close()  # it gives up at once if it was waiting for the connection
+        status = _stop(child.pid, signal.SIGKILL, 5.0) if line == "timed out" else _stop(child.pid, None, 5.0)
+        if line in ("", "prepared", "ready"):
+            return f"the new server exited ({describe_exit(status)})"
+        return "the new server was not ready in time" if line == "timed out" else line
+
+    def _devices_for(self, threads: int) -> list[Device]:
+        """``threads`` descriptors of the connection, cloning more if needed (kept until ``_trim``)."""
+        while len(self.devices) < threads:
+            self.devices.append(self.devices[0].clone())
+        return self.devices[:threads]
+
+    def _trim(self, threads: int) -> None:
+        """Close the descriptors beyond ``threads``: the server that took over has had every request
+        read from them resent (or answered by its predecessor), so none ends with ECONNABORTED."""
+        for device in self.devices[threads:]:
+            device.close()
+        del self.devices[threads:]
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if self.child is not None:
             try:
-                os.kill(self.child, signum)
+                os.kill(self.child.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -207,6 +454,26 @@ class Supervisor:
                 mountmod.unmount(self.mountpoint, lazy=True)
             except OSError as e:
                 log.warning("unmount of %s: %s", self.mountpoint, e)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _stop(pid: int, sig: signal.Signals | None, timeout: float) -> int:
+    """Send ``sig`` (if any) to child ``pid``, wait ``timeout`` seconds for it to end, then kill it;
+    reap it and return its wait status."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if not select.select([pidfd], [], [], timeout)[0]:
+            _kill(pid)
+    finally:
+        os.close(pidfd)
+    return os.waitpid(pid, 0)[1]
 
 
 def _report(ready_fd: int | None, message: str) -> None:

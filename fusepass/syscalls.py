@@ -1,7 +1,7 @@
 """ctypes wrappers for the Linux calls Python's ``os`` module lacks: mount and umount2, ioctls that
 return a value, renameat2, file handles, fallocate modes, utimensat with UTIME_NOW/OMIT, fchownat on
-O_PATH descriptors, statx, fstatfs, fanotify, io_uring_setup and io_uring_enter. Every ctypes handle of the
-package lives here."""
+O_PATH descriptors, statx, fstatfs, fanotify, io_uring_setup and io_uring_enter, and a read(2) that a
+signal interrupts. Every ctypes handle of the package lives here."""
 
 from __future__ import annotations
 
@@ -218,3 +218,15 @@ def buffer_address(buf: bytearray | mmap.mmap) -> int:
     """The address of a writable buffer's first byte, for the kernel to read or write later. It stays
     valid while ``buf`` is open and not resized (an mmap never is)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+_libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc.read.restype = ctypes.c_ssize_t
+
+
+def read_interruptible(fd: int, address: int, size: int) -> int:
+    """read(2) into ``size`` bytes at ``address`` (see ``buffer_address``), returning the count, or
+    minus the errno. Unlike ``os.read``, a signal caught meanwhile ends it with -EINTR instead of
+    being retried: a thread blocked in it can be woken with ``signal.pthread_kill``."""
+    n = _libc.read(fd, address, size)
+    return int(n) if n >= 0 else -ctypes.get_errno()

@@ -149,3 +149,31 @@ def test_a_resent_release_of_a_number_opened_again_since_is_not_done_twice(tmp_p
     assert fh in k.dispatcher.fs._files  # the later open is still open
     k.dispatcher.fs.destroy()
 
+
+
+def test_a_resent_lookup_is_counted_once(tmp_path: Path, files: tuple[int, int]) -> None:
+    """The predecessor counted a lookup and died before its reply reached the kernel, which resends
+    the LOOKUP: the successor counts it once, so the kernel's one FORGET forgets the node."""
+    (tmp_path / "f").write_bytes(b"x")
+    first = successor(tmp_path, files)
+    first.init()
+    unique, msg = first.message(abi.Opcode.LOOKUP, lookup_body(b"f"))
+    assert first.send(msg)[0].error == 0  # counted; the reply is lost with the server
+    first.dispatcher.fs.destroy()
+
+    k = successor(tmp_path, files)
+    again = k.call(abi.Opcode.LOOKUP, lookup_body(b"f"), unique=unique | R)
+    assert again.error == 0
+    nodeid = abi.ENTRY_OUT.unpack_from(again.payload)[0]
+    assert k.dispatcher.journal is not None
+    assert k.dispatcher.journal.state.nodes[nodeid][0] == 1
+    k.dispatcher.fs.destroy()
+    # Resent once more (the successor died too before its reply): still counted once, never less.
+    k = successor(tmp_path, files)
+    third = k.call(abi.Opcode.LOOKUP, lookup_body(b"f"), unique=unique | R)
+    nodeid = abi.ENTRY_OUT.unpack_from(third.payload)[0]
+    assert k.dispatcher.journal is not None
+    assert k.dispatcher.journal.state.nodes[nodeid][0] == 1
+    k.send(k.message(abi.Opcode.FORGET, abi.FORGET_IN.pack(1), nodeid=nodeid)[1])
+    assert nodeid not in k.dispatcher.journal.state.nodes
+    k.dispatcher.fs.destroy()

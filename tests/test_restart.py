@@ -1,12 +1,16 @@
-"""A supervised mount (``fusepass mount --supervise``) outlives its server: killed while callers
-read, write, list, hold a directory as their cwd and map a file, the server is replaced and
-no caller sees an error; the data is what a model says; nothing leaks across restarts."""
+"""A supervised mount (``fusepass mount --supervise``) outlives its server: killed, or replaced on
+request (``fusepass restart``), while callers read, write, list, hold a directory as their cwd and
+map a file, the server is replaced and no caller sees an error; the data is what a model says;
+nothing leaks across restarts; a restart runs the code on disk, and one that cannot start changes
+nothing."""
 
 from __future__ import annotations
 
 import mmap
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, fusepass_cli, mirror_argv, poll_until, stop_background
+from conftest import REPO, ServerProcess, fusepass_cli, mirror_argv, poll_until, stop_background
 
 from fusepass import control
 from fusepass.cli import wait_for_exit
@@ -60,6 +64,21 @@ class Supervised:
         new = poll_until(self.server_pid, lambda pid: pid not in (None, old), "a new server answers", timeout=30)
         self.pids.add(new)
         return int(new)
+
+    def restart(self, *options: str) -> int:
+        """``fusepass restart``; return the pid of the server that took over (it answers status)."""
+        old = self.server_pid()
+        r = fusepass_cli("restart", str(self.mnt), *options)
+        assert r.returncode == 0, r.stdout + r.stderr + self.server.log()
+        new = self.server_pid()
+        assert new is not None and new != old, (old, new, r.stdout)
+        assert f"handed over to pid {new}" in r.stdout, r.stdout
+        self.pids.add(new)
+        return new
+
+    def supervisor_fds(self) -> int:
+        assert self.server.proc is not None
+        return len(os.listdir(f"/proc/{self.server.proc.pid}/fd"))
 
 
 @pytest.fixture(params=["on", "off"], ids=["passthrough", "served"])
@@ -211,6 +230,55 @@ def test_server_killed_again_and_again_no_caller_sees_an_error(supervised: Super
     assert restarts["worst_recovery_ms"] > 0
 
 
+RESTARTS = 5
+
+
+def test_restarted_again_and_again_no_caller_sees_an_error(supervised: Supervised) -> None:
+    """``fusepass restart`` in a loop under the kill test's workload: every request in flight is
+    answered by the old server or waits for the new one; fsynced data is what the model says; the
+    servers and the supervisor hold no more than before."""
+    mnt, src = supervised.mnt, supervised.source
+    data = random.Random(0).randbytes(1 << 20)
+    (src / "r.bin").write_bytes(data)
+    (src / "m.bin").write_bytes(data[: 256 * 1024])
+    (src / "cwd").mkdir()
+    (src / "cwd" / "f").write_text("in cwd\n")
+    supervisor_fds = supervised.supervisor_fds()
+    cwd = subprocess.Popen([sys.executable, "-c", CWD_SCRIPT], cwd=mnt / "cwd", stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers = Workers()
+    model = bytearray()
+    pids = []
+    try:
+        workers.start("reader", reader(mnt, data, workers.stop))
+        workers.start("writer", writer(mnt, model, workers.stop))
+        workers.start("mapper", mapper(mnt, data[: 256 * 1024], workers.stop))
+        workers.start("metadata", metadata(mnt, workers.stop))
+        rng = random.Random(3)
+        for _ in range(RESTARTS):
+            workers.stop.wait(rng.uniform(0.05, 0.3))
+            pids.append(supervised.restart())
+        workers.stop.wait(0.2)
+    finally:
+        workers.join()
+        out, err = cwd.communicate(b"", timeout=60)  # its stdin ends: it stops
+    assert workers.errors == [], supervised.server.log()
+    assert cwd.returncode == 0, err.decode()
+    assert int(out) > 0
+    assert (src / "w.bin").read_bytes() == bytes(model)
+    assert len(model) > 0
+    assert len(set(pids)) == RESTARTS
+    st = supervised.status()
+    restarts = st["restarts"]
+    assert restarts["count"] == RESTARTS and restarts["last_cause"] == "restart requested", restarts
+    assert restarts["worst_recovery_ms"] > 0
+    # Every file is closed: nothing is held for it; the supervisor holds what it held (no pipe left over).
+    poll_until(lambda: (supervised.status()["passthrough"]["backing_ids"],
+                        supervised.status()["filesystem"]["descriptors"]["files"]),
+               lambda v: v == (0, 0), "every release reached the server")
+    assert supervised.supervisor_fds() == supervisor_fds
+
+
 def test_nothing_leaks_across_restarts(supervised: Supervised) -> None:
     """Once every file is closed, the server holds no open file and no backing id, restarted or not."""
     mnt, src = supervised.mnt, supervised.source
@@ -286,6 +354,176 @@ def test_a_stopped_server_is_replaced_within_its_deadline(start_server: Callable
         assert 1 <= waited < 10, (waited, restarts, s.server.log())
         assert restarts["count"] == 1 and restarts["last_cause"].startswith("hung (no progress for "), \
             (restarts, s.server.log())
+    finally:
+        s.server.cleanup()
+        for pid in s.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def copy_of_the_code(where: Path) -> Path:
+    """A copy of the fusepass package, to be put first on PYTHONPATH and changed under a running mount."""
+    shutil.copytree(REPO / "fusepass", where / "fusepass", ignore=shutil.ignore_patterns("__pycache__"))
+    return where / "fusepass"
+
+
+@pytest.fixture
+def supervised_copy(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[tuple[Supervised, Path]]:
+    """A supervised mirror whose servers import fusepass from a copy of the package (tmp_path/code)."""
+    code = copy_of_the_code(tmp_path / "code")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("served\n")
+    env = {**os.environ, "PYTHONPATH": str(code.parent)}
+    s = Supervised(start_server(mirror_argv(src, "--supervise"), env=env), src)
+    try:
+        yield s, code
+    finally:
+        s.server.cleanup()
+        for pid in s.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+def set_version(code: Path, version: str) -> None:
+    init = code / "__init__.py"
+    text = init.read_text()
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text))
+    assert version in init.read_text()
+
+
+def test_restart_runs_the_code_on_disk_and_crashes_after_it_too(supervised_copy: tuple[Supervised, Path]) -> None:
+    s, code = supervised_copy
+    old = s.server_pid()
+    assert old is not None and s.status()["version"] == "0.1.0"
+    set_version(code, "0.1.0+restarted")  # installed after the mount started
+    assert s.status()["version"] == "0.1.0"  # the running server has its own copy in memory
+    new = s.restart()
+    st = s.status()
+    assert st["version"] == "0.1.0+restarted", st["version"]
+    assert cmdline(new)[1:4] == ["-P", "-m", "fusepass.successor"], cmdline(new)  # executed, not forked
+    assert parent(new) == st["restarts"]["supervisor_pid"]
+    assert (s.mnt / "f").read_text() == "served\n"
+    set_version(code, "0.1.0+again")
+    crashed = s.kill_server()  # a successor after a crash runs the code asked for, as it is on disk now
+    assert s.status()["version"] == "0.1.0+again" and cmdline(crashed)[1:4] == ["-P", "-m", "fusepass.successor"]
+    assert (s.mnt / "f").read_text() == "served\n"
+    text = fusepass_cli("status", str(s.mnt)).stdout
+    assert "restarts: 2 (last " in text and "killed by SIGKILL" in text, text
+
+
+def test_a_new_server_that_cannot_start_changes_nothing(supervised_copy: tuple[Supervised, Path]) -> None:
+    """New code that does not import: restart fails in one line, exit status 1; the old server serves on."""
+    s, code = supervised_copy
+    old = s.server_pid()
+    (code / "mirror.py").write_text("raise ImportError('broken on purpose')\n")
+    r = fusepass_cli("restart", str(s.mnt))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "broken on purpose" in r.stderr, r.stderr
+    assert s.server_pid() == old
+    assert (s.mnt / "f").read_text() == "served\n"
+    assert s.status()["restarts"]["count"] == 0
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--passthrough", "off"], "negotiated with the kernel at INIT"),
+    (["--request-timeout", "30"], "negotiated with the kernel at INIT"),
+    (["-o", "ro"], "-o options are the mount's"),
+    (["--hide", "f"], "hiding rules cannot change on a restart"),
+    (["--rules", "/nonexistent/rules.toml"], "rules file /nonexistent/rules.toml"),
+    (["--threads", "0"], "--threads"),
+])
+def test_options_that_cannot_change_are_refused_and_nothing_restarts(
+        supervised_copy: tuple[Supervised, Path], options: list[str], says: str) -> None:
+    s, _ = supervised_copy
+    old = s.server_pid()
+    r = fusepass_cli("restart", str(s.mnt), *options)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+    assert s.server_pid() == old and s.status()["restarts"]["count"] == 0
+
+
+def test_options_that_may_change_take_effect(supervised_copy: tuple[Supervised, Path], tmp_path: Path) -> None:
+    s, _ = supervised_copy
+    audit = tmp_path / "audit.jsonl"
+    s.restart("--read-only", "f", "--audit-log", str(audit), "--threads", "2")
+    st = s.status()
+    assert st["threads"] == 2 and st["filesystem"]["policy"]["rules"] == ["read-only f"], st["filesystem"]
+    with pytest.raises(OSError) as e:
+        open(s.mnt / "f", "a").close()
+    assert e.value.errno == 30  # EROFS
+    s.restart("--no-rules", "--audit-log", "", "--threads", "3")
+    st = s.status()
+    assert st["threads"] == 3 and st["filesystem"].get("policy") is None, st["filesystem"]
+    with open(s.mnt / "f", "a") as f:
+        f.write("more\n")
+    assert (s.source / "f").read_text() == "served\nmore\n"
+    assert audit.exists() and '"op": "open"' in audit.read_text()
+
+
+def test_restart_of_a_mount_without_supervisor_is_refused(mirror: ServerProcess) -> None:
+    r = fusepass_cli("restart", str(mirror.mountpoint))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not supervised" in r.stderr, r.stderr
+
+
+def test_a_new_server_that_hangs_after_taking_over_is_replaced(start_server: Callable[..., ServerProcess],
+                                                               tmp_path: Path) -> None:
+    """New code that stops itself once given the connection: killed when it is not ready within
+    max(deadline, TAKE_OVER_MIN); a server of the supervisor's own code serves the caller that waited."""
+    from fusepass.supervisor import TAKE_OVER_MIN
+
+    code = copy_of_the_code(tmp_path / "code")
+    cli_py = code / "cli.py"
+    text = cli_py.read_text()
+    marker = '        """Serve ``fs`` under the supervisor (with ``supervised``, a ``supervisor.ServerMain``)."""\n'
+    assert marker in text
+    cli_py.write_text(text.replace(marker, marker + "        os.kill(os.getpid(), signal.SIGSTOP)\n"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("served\n")
+    env = {**os.environ, "PYTHONPATH": str(code.parent)}
+    s = Supervised(start_server(mirror_argv(src, "--supervise", "--deadline", "1", "-o", "timeout=0"), env=env), src)
+    try:
+        box: dict[str, Any] = {}
+        started = threading.Event()
+
+        def restart() -> None:
+            started.set()
+            box["result"] = fusepass_cli("restart", str(s.mnt))
+
+        t = threading.Thread(target=restart, daemon=True)
+        t.start()
+        started.wait(10)
+        # Wait for the hand-over (the old server exits), then call: the call waits for a server that works.
+        old = s.server_pid()
+        assert old is not None
+        assert wait_for_exit(old, 30)
+        t0 = time.monotonic()
+        assert (s.mnt / "f").read_text() == "served\n"
+        waited = time.monotonic() - t0
+        t.join(60)
+        r = box["result"]
+        assert r.returncode == 1 and "not ready in time" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        new = s.server_pid()
+        assert new is not None and new != old
+        s.pids.add(new)
+        assert cmdline(new)[1:3] != ["-P", "-m"]  # forked: the supervisor's code
+        assert waited < TAKE_OVER_MIN + 10, waited
+        assert "the new server failed" in s.status()["restarts"]["last_cause"]
     finally:
         s.server.cleanup()
         for pid in s.pids:

@@ -78,7 +78,8 @@ class Coherence:
             self._inode(ino)
 
     def _everything(self) -> None:
-        log.warning("the source watcher lost events: every cached name and attribute is dropped")
+        log.warning("changes to the source may have gone unseen (the watcher lost events, or this server took "
+                    "over from another): every cached name and attribute is dropped")
         try:
             self.notifier.increment_epoch()
         except OSError as e:

@@ -274,7 +274,8 @@ class Mirror(Operations):
     def restore(self, state: State) -> None:
         """Take over what a predecessor left (after ``init``, before any request): its node ids
         (reopened from their handles when first used), its open files, under their old
-        descriptor numbers, and its open directories (listed afresh: offsets index the new listing)."""
+        descriptor numbers, and its open directories (listed afresh: offsets index the new listing).
+        What the kernel caches is then invalidated, as after lost events."""
         with self._lock:
             for nodeid, (lookups, identity) in state.nodes.items():
                 if nodeid == ROOT_ID or len(identity) < _IDENTITY.size:
@@ -307,6 +308,11 @@ class Mirror(Operations):
             with self._lock:
                 self._dirs[fh] = _DirHandle(fd)
                 self._next_dir = max(self._next_dir, fh + 1)
+        if self.watcher is not None:
+            # Between the predecessor's end and these marks nothing watched the source: whatever the
+            # kernel caches may be stale, so all of it is dropped (on the watcher's thread: a
+            # notification may wait for a resent request that only the workers will answer).
+            self.watcher.report_lost()
 
     def _reopen(self, fh: int, nodeid: int, flags: int) -> None:
         """Open a predecessor's open file again under its number ``fh``, pinned as ``_opened`` pins.

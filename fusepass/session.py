@@ -555,9 +555,12 @@ class Session:
         outcome.undelivered()
 
     def _send_notification(self, message: bytes) -> None:
-        if not self._devices:
+        # Any descriptor of the connection takes notifications: before the workers start (a
+        # successor dropping what its predecessor let the kernel cache), the device itself.
+        device = self._devices[0] if self._devices else self.device
+        if device is None or device.fd < 0 or self._descriptors_closed:
             raise OSError(errno.ENOTCONN, "the session is not running")
-        os.write(self._devices[0].fd, message)
+        os.write(device.fd, message)
 
     def _initialized(self) -> None:
         """The INIT reply has been written: register the ring entries (or drop them and start the

@@ -52,6 +52,7 @@ made through a name outside the known directories is seen only when that file it
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -211,6 +212,7 @@ class SourceWatcher:
         self._lock = threading.Lock()
         self._marked: set[bytes] = set()
         self._stopping = threading.Event()
+        self._lost = threading.Event()  # ``report_lost``: the thread delivers an overflow
         self._thread: threading.Thread | None = None
         self._closes_itself = False
         self._fd = self._wake_r = self._wake_w = -1
@@ -270,6 +272,15 @@ class SourceWatcher:
         with self._lock:
             self._marked.discard(handle)
 
+    def report_lost(self) -> None:
+        """Changes may have been made while nothing watched (a server that took over from another
+        marks the directories afresh): the thread delivers one overflow, as if events had been lost."""
+        self._lost.set()
+        try:
+            os.write(self._wake_w, b"l")
+        except BlockingIOError:
+            pass  # the pipe is full: the thread wakes anyway
+
     @property
     def marks(self) -> int:
         with self._lock:
@@ -304,8 +315,13 @@ class SourceWatcher:
         poller.register(self._wake_r, select.POLLIN)
         buf = bytearray(_BUFFER_SIZE)
         while not self._stopping.is_set():
-            poller.poll()
+            if any(fd == self._wake_r for fd, _ in poller.poll()):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 64)
             changes: list[Change] = []
+            if self._lost.is_set():
+                self._lost.clear()
+                changes.append(OVERFLOW)
             while not self._stopping.is_set():
                 try:
                     n = os.readv(self._fd, [buf])

@@ -302,6 +302,31 @@ def test_nothing_leaks_across_restarts(supervised: Supervised) -> None:
     assert supervised.status()["restarts"]["count"] == 2
 
 
+def test_changes_made_while_no_server_watched_are_seen(supervised: Supervised) -> None:
+    """The kernel caches names and attributes for a day while the source is watched; what changes
+    between one server's end and the next one's marks must not stay hidden behind those caches."""
+    (supervised.source / "f").write_bytes(b"old")
+    (supervised.source / "gone").write_bytes(b"")
+    mnt = supervised.mnt
+    assert os.stat(mnt / "f").st_size == 3 and (mnt / "gone").exists() and not (mnt / "new").exists()
+    old = supervised.server_pid()
+    assert old is not None
+    os.kill(old, signal.SIGSTOP)  # its watcher reads no more; the events queued for it die with it
+    try:
+        (supervised.source / "f").write_bytes(b"changed while nobody watched")
+        (supervised.source / "gone").unlink()
+        (supervised.source / "new").write_bytes(b"")
+    finally:
+        os.kill(old, signal.SIGKILL)  # ends a stopped process too
+    supervised.pids.add(poll_until(supervised.server_pid, lambda pid: pid not in (None, old), "a new server answers"))
+    poll_until(lambda: supervised.status()["filesystem"]["watcher"]["notifications"]["overflows"], lambda n: n >= 1,
+               "the new server drops what the kernel caches")
+    assert os.stat(mnt / "f").st_size == len(b"changed while nobody watched")
+    assert (mnt / "f").read_bytes() == b"changed while nobody watched"
+    assert not (mnt / "gone").exists() and (mnt / "new").exists()
+    assert sorted(os.listdir(mnt)) == ["f", "new"]
+
+
 def test_background_mount_status_and_umount(tmp_path: Path) -> None:
     """``fusepass mount --supervise`` in the background: ``status`` tells the restarts, ``umount``
     stops the server and its supervisor."""

@@ -20,7 +20,7 @@ from conftest import ServerProcess, fusepass_cli, mirror_argv, poll_until, pytho
 from fusepass import control, uring_transport
 from fusepass import mount as mountmod
 from fusepass.examples.memfs import MemFS
-from fusepass.session import Session
+from fusepass.session import Session, SessionError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -185,3 +185,16 @@ def test_a_killed_server_over_io_uring_leaves_enotconn_and_its_connection_goes_a
     connections = Path(mountmod.ensure_fusectl())
     poll_until(lambda: (connections / str(conn)).exists(), lambda present: not present,
                "the killed server's connection is released")
+
+
+def test_with_io_uring_required_a_server_that_would_fall_back_fails_and_leaves_no_mount(
+        disable_uring, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEPASS_IO_URING", "require")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    session = Session(MemFS(), str(mnt))
+    with pytest.raises(SessionError, match="io_uring required .*enable_uring is off"):
+        session.start()
+    session.close()
+    assert mountmod.mount_entry(str(mnt)) is None
+    assert ring_descriptors(os.getpid()) == 0

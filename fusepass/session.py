@@ -214,7 +214,8 @@ class Session:
             "io_uring_why_not": self.io_uring_why_not,
             "threads": 0 if ring is None else len(ring.workers),
             "queues": [] if ring is None else [
-                {"qid": qid, "entries": ring.depth, "requests": n} for qid, n in enumerate(ring.queue_counts())
+                {"qid": qid, "entries": ring.depth, "requests": n, "replaced": replaced}
+                for qid, (n, replaced) in enumerate(zip(ring.queue_counts(), ring.queue_replacements(), strict=True))
             ],
         }
 

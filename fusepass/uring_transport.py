@@ -231,6 +231,13 @@ class UringTransport:
             counts[w.qid] += w.requests
         return counts
 
+    def queue_replacements(self) -> list[int]:
+        """Entries registered again after a failed COMMIT_AND_FETCH, per queue, by qid."""
+        counts = [0] * self.queues
+        for w in self.workers:
+            counts[w.qid] += w.replaced
+        return counts
+
     def _wait_go(self) -> bool:
         self._go.wait()
         return not self._cancelled
@@ -289,6 +296,7 @@ class _Worker:
         self.slots = slots
         self.wakeable = wakeable
         self.requests = 0
+        self.replaced = 0  # entries registered again after a failed COMMIT_AND_FETCH
         self.setup_error: OSError | None = None
         self.scratch = Scratch()  # its deliver is set to the entry's before each request
         self._delivers = [functools.partial(self._deliver_later, i) for i in range(slots)]
@@ -353,6 +361,7 @@ class _Worker:
             ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE)
             handle = t.dispatcher.handle_parts
             registered = [False] * self.slots
+            replaced: set[int] = set()  # entries registered again after a failed COMMIT_AND_FETCH
             live = self.slots
             while live:
                 ring.enter(1)
@@ -364,8 +373,12 @@ class _Worker:
                         for admitted in t._admit_deferred(self):
                             self._answer(ring, buf, view, admitted, handle, admitted=True)
                     elif res < 0:
-                        live -= 1
-                        self._ended_by(-res, registered[slot])
+                        if self._replaces(-res, registered[slot], slot in replaced):
+                            registered[slot] = False
+                            replaced.add(slot)
+                            self._push(ring, abi.URING_CMD_REGISTER, slot, 0)
+                        else:
+                            live -= 1
                     else:
                         registered[slot] = True
                         self._answer(ring, buf, view, slot, handle)
@@ -376,10 +389,8 @@ class _Worker:
         """The request path of a worker of plain handlers: one entry, one command in flight, so each
         turn is one system call (the reply committed, the next request fetched) and the SQE is
         written once, with only the request's unique changed per turn (``Ring.cycle``)."""
-        self._push(ring, abi.URING_CMD_REGISTER, 0, 0)
-        ring.enter(0)  # the REGISTER read by the kernel: every slot may take the COMMIT_AND_FETCH
-        ring.prefill(_FUSE_SQE.pack(uring.OP_URING_CMD, 0, 0, self.transport.fd, abi.URING_CMD_COMMIT_AND_FETCH, 0,
-                                    self._iov_base, 2, 0, 0, 0, 0, 0, 0, 0, self.qid))
+        commit = _FUSE_SQE.pack(uring.OP_URING_CMD, 0, 0, self.transport.fd, abi.URING_CMD_COMMIT_AND_FETCH, 0,
+                                self._iov_base, 2, 0, 0, 0, 0, 0, 0, 0, self.qid)
         handle = self.transport.dispatcher.handle_parts
         scratch = self.scratch
 
@@ -411,8 +422,17 @@ class _Worker:
                 outcome.after()
             return unique
 
-        res = ring.cycle(_U64, _COMMIT_ID_AT, answer)
-        self._ended_by(-res, self.requests > 0)  # a request came: the REGISTER had worked
+        again = False
+        while True:
+            self._push(ring, abi.URING_CMD_REGISTER, 0, 0)
+            ring.enter(0)  # the REGISTER read by the kernel: every slot may take the COMMIT_AND_FETCH
+            ring.prefill(commit)
+            before = self.requests
+            res = ring.cycle(_U64, _COMMIT_ID_AT, answer)
+            # A request came since the REGISTER: it worked, and what failed is a COMMIT_AND_FETCH.
+            if not self._replaces(-res, self.requests > before, again):
+                return
+            again = True
 
     def _answer(self, ring: Ring, buf: mmap.mmap, view: memoryview, slot: int,
                 handle: Callable[[P.InHeader, memoryview, Scratch], Outcome | Pending | None],
@@ -467,15 +487,27 @@ class _Worker:
             unique = abi.IN_HEADER.unpack_from(buf, slot * SLOT_SIZE)[2]
             self._commit(ring, buf, slot, unique, outcome)
 
-    def _ended_by(self, err: int, registered: bool) -> None:
+    def _replaces(self, err: int, registered: bool, again: bool) -> bool:
+        """An entry's command failed with ``err``: whether to register the entry again. Yes after a
+        failed COMMIT_AND_FETCH (the kernel then holds the entry as the server's for good, so the
+        queue would have one entry fewer, none at depth 1: its CPU's callers would wait for ever);
+        no when the connection is gone, or a REGISTER failed (``again``: one that replaced an entry;
+        otherwise the first, and the kernel serves through /dev/fuse: so does the session). What the
+        failed command's reply promised is not undone: the error may have come after the kernel took
+        it (sending the next request), and a node counted twice is a leak, one forgotten an error."""
         if err in _END_ERRNOS:
-            return  # the connection is gone: unmounted, aborted, or the kernel cancelled the ring
-        what = "COMMIT_AND_FETCH" if registered else "REGISTER"
-        if not registered:
-            self.transport._registration_failed(f"{what} of queue {self.qid} failed: {os.strerror(err)}")
+            return False  # the connection is gone: unmounted, aborted, or the kernel cancelled the ring
+        if registered:
+            self.replaced += 1
+            log.warning("FUSE over io_uring: COMMIT_AND_FETCH on queue %d failed: %s; the entry is registered "
+                        "again", self.qid, os.strerror(err))
+            return True
+        if again:
+            log.error("FUSE over io_uring: registering an entry of queue %d again failed: %s; this entry ends",
+                      self.qid, os.strerror(err))
         else:
-            log.error("FUSE over io_uring: %s on queue %d failed: %s; this entry ends", what, self.qid,
-                      os.strerror(err))
+            self.transport._registration_failed(f"REGISTER of queue {self.qid} failed: {os.strerror(err)}")
+        return False
 
     def _deliver_later(self, slot: int, outcome: Outcome) -> None:
         """A coroutine's reply for entry ``slot``: queued for the thread, which the eventfd wakes

@@ -118,7 +118,8 @@ def running_in_venv() -> bool:
 
 def _ensure_system(state: dict[str, Any], log: Log, build_hp: bool) -> dict[str, Any]:
     """apt-get install what the run needs and the machine lacks: fio, fusermount3 and, while pyfuse3 still
-    has to be built, pkg-config, libfuse3-dev and gcc, while passthrough_hp has to be, pkg-config and g++;
+    has to be built, pkg-config, libfuse3-dev and gcc, while passthrough_hp has to be, pkg-config, g++,
+    liburing-dev and libnuma-dev (without the last two libfuse leaves io_uring out);
     python3-venv if ``venv`` cannot bootstrap pip."""
     wanted = []
     if not shutil.which("fio"):
@@ -137,6 +138,11 @@ def _ensure_system(state: dict[str, Any], log: Log, build_hp: bool) -> dict[str,
             wanted.append("pkg-config")
         if not shutil.which("c++"):
             wanted.append("g++")
+        # libfuse builds its FUSE over io_uring (passthrough_hp -o io_uring, bench.uring) only with these.
+        if not shutil.which("pkg-config") or _run(["pkg-config", "--exists", "liburing"]).returncode != 0:
+            wanted.append("liburing-dev")
+        if not os.path.exists("/usr/include/numa.h"):
+            wanted.append("libnuma-dev")
     if not VENV.exists() and _run([sys.executable, "-c", "import ensurepip"]).returncode != 0:
         wanted.append("python3-venv")
     out: dict[str, Any] = {"apt_installed": wanted}

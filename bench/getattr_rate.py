@@ -8,41 +8,28 @@ io_uring mounts and put back to what it was afterwards (root only)::
 
     python -m bench.getattr_rate --rounds 3 --seconds 3
 
-Prints one line per measurement and a table of medians (requests/s, all callers together).
+Prints one line per measurement and a table of medians (requests/s, all callers together), with
+the server's CPU time per request (user + system of this process, whose only busy threads are the
+server's): what a request costs the server, whatever the machine's other load does to the rates.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import resource
 import statistics
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
+from bench.enable_uring import uring_parameter
 from bench.request_cost import Cheap
 from fusepass import Operations
 from fusepass.session import Session
-from fusepass.uring_transport import MODULE_PARAMETER
 
 TRANSPORTS = ("/dev/fuse", "io_uring")
-
-
-@contextlib.contextmanager
-def uring_parameter(value: str) -> Iterator[None]:
-    """enable_uring set to ``value`` inside the block, put back after it."""
-    with open(MODULE_PARAMETER) as f:
-        old = f.read().strip()
-    with open(MODULE_PARAMETER, "w") as f:
-        f.write(value)
-    try:
-        yield
-    finally:
-        with open(MODULE_PARAMETER, "w") as f:
-            f.write(old)
 
 
 def _caller(mnt: str, go: int, out: int, seconds: float) -> None:
@@ -64,6 +51,12 @@ def stat_rate(fs: Operations, callers: int, seconds: float, **session_kw: Any) -
     """stat(2)s per second of the root of ``fs``, mounted afresh in this process, by ``callers``
     processes together (forked before the server's threads exist). ``session_kw`` go to the
     Session; one asked for io_uring fails unless it got it."""
+    return stat_rate_and_cost(fs, callers, seconds, **session_kw)[0]
+
+
+def stat_rate_and_cost(fs: Operations, callers: int, seconds: float, **session_kw: Any) -> tuple[float, float]:
+    """``stat_rate``, and the server's CPU time (user and system, every thread of this process: the
+    callers are other processes) per request, in microseconds."""
     with tempfile.TemporaryDirectory() as mnt:
         go_r, go_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -80,21 +73,28 @@ def stat_rate(fs: Operations, callers: int, seconds: float, **session_kw: Any) -
                 if session_kw.get("io_uring") and not session.over_io_uring:
                     raise RuntimeError(f"io_uring not used: {session.io_uring_why_not}")
                 os.stat(mnt)  # the first request after INIT (waits for every queue to register, and the loop to run)
-                start = time.monotonic()
+                start, used = time.monotonic(), _cpu_seconds()
                 os.write(go_w, b"x" * callers)
                 counts = [struct.unpack("<Q", os.read(out_r, 8))[0] for _ in range(callers)]
-                elapsed = time.monotonic() - start
+                elapsed, used = time.monotonic() - start, _cpu_seconds() - used
         finally:
             os.close(go_w)
             os.close(out_r)
             for pid in pids:
                 os.waitpid(pid, 0)
-        return sum(counts) / max(elapsed, seconds)
+        total = sum(counts)
+        return total / max(elapsed, seconds), used * 1e6 / max(total, 1)
 
 
-def measure(transport: str, callers: int, seconds: float, depth: int) -> float:
-    """GETATTR requests per second of ``callers`` processes together over ``transport``."""
-    return stat_rate(Cheap(), callers, seconds, io_uring=transport == "io_uring", io_uring_depth=depth)
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(transport: str, callers: int, seconds: float, depth: int) -> tuple[float, float]:
+    """GETATTR requests per second of ``callers`` processes together over ``transport``, and the
+    server's CPU microseconds per request."""
+    return stat_rate_and_cost(Cheap(), callers, seconds, io_uring=transport == "io_uring", io_uring_depth=depth)
 
 
 def main() -> int:
@@ -106,19 +106,25 @@ def main() -> int:
     args = parser.parse_args()
     callers = [int(c) for c in args.callers.split(",")]
     results: dict[tuple[str, int], list[float]] = {}
+    costs: dict[tuple[str, int], list[float]] = {}
     with uring_parameter("Y"):
         for r in range(args.rounds):
             for n in callers:
                 for transport in (TRANSPORTS if r % 2 == 0 else TRANSPORTS[::-1]):
-                    rate = measure(transport, n, args.seconds, args.depth)
+                    rate, cost = measure(transport, n, args.seconds, args.depth)
                     results.setdefault((transport, n), []).append(rate)
-                    print(f"round {r + 1} {transport:<9} {n} callers: {rate:10.0f} GETATTR/s", flush=True)
-    print(f"\nmedians over {args.rounds} rounds of {args.seconds:g} s (GETATTR/s, all callers together)")
-    print(f"{'callers':>8}{'/dev/fuse':>12}{'io_uring':>12}{'ratio':>8}")
+                    costs.setdefault((transport, n), []).append(cost)
+                    print(f"round {r + 1} {transport:<9} {n} callers: {rate:10.0f} GETATTR/s, server CPU "
+                          f"{cost:5.1f} us/request", flush=True)
+    print(f"\nmedians over {args.rounds} rounds of {args.seconds:g} s (GETATTR/s, all callers together; "
+          "the server's CPU time per request, user + system, in us)")
+    print(f"{'callers':>8}{'/dev/fuse':>12}{'io_uring':>12}{'ratio':>8}{'cpu dev':>10}{'cpu ring':>10}")
     for n in callers:
         dev = statistics.median(results[("/dev/fuse", n)])
         ring = statistics.median(results[("io_uring", n)])
-        print(f"{n:>8}{dev:>12.0f}{ring:>12.0f}{ring / dev:>8.2f}")
+        cpu_dev = statistics.median(costs[("/dev/fuse", n)])
+        cpu_ring = statistics.median(costs[("io_uring", n)])
+        print(f"{n:>8}{dev:>12.0f}{ring:>12.0f}{ring / dev:>8.2f}{cpu_dev:>10.1f}{cpu_ring:>10.1f}")
     return 0
 
 

@@ -260,6 +260,15 @@ class Dispatcher:
             h, body = self.parser.split(message)
         except P.ProtocolError as e:
             return self._malformed(e, scratch, t0)
+        return self.handle_parts(h, body, scratch, message, t0)
+
+    def handle_parts(self, h: P.InHeader, body: memoryview, scratch: Scratch, message: memoryview | None = None,
+                     t0: int = 0) -> Outcome | Pending | None:
+        """``handle`` for a transport that has the header and the body apart (io_uring's entries:
+        no whole message to rebuild). ``body`` is without extensions, checked against the header by
+        the caller; ``message``, the whole message if there is one (else rebuilt when tracing)."""
+        if not t0:
+            t0 = self._clock()
         opcode = h.opcode
         ctx = Context(h.uid, h.gid, h.pid, h.unique, scratch.view)
         silent = self._silent.get(opcode)
@@ -319,7 +328,7 @@ class Dispatcher:
         elapsed = self._clock() - t0
         scratch.stats.record(opcode, err, elapsed)  # before the reply: a caller that saw it sees it counted
         if self._trace is not None:
-            self._trace(self._describe(message, reply, elapsed))
+            self._trace(self._describe(_whole(h, body, message), reply, elapsed))
         return _new_tuple(Outcome, (reply, ctx.undo, self._on_initialized if opcode == abi.Opcode.INIT else None))
 
     # --- requests a predecessor may have carried out -------------------------------------
@@ -401,7 +410,7 @@ class Dispatcher:
 
     # --- requests coroutines answer -------------------------------------------------------
 
-    def _start(self, message: memoryview, h: P.InHeader, body: memoryview, ctx: Context,
+    def _start(self, message: memoryview | None, h: P.InHeader, body: memoryview, ctx: Context,
                parse: Callable[[P.InHeader, memoryview], object], ask: Callable[[object, Context], Body],
                answer: Callable[[object, Context, object], Body] | None, scratch: Scratch,
                t0: int) -> Outcome | Pending | None:
@@ -411,7 +420,7 @@ class Dispatcher:
         runner, deliver = self.runner, scratch.deliver
         assert runner is not None and deliver is not None, "a transport serving coroutines gives a deliver"
         ctx.scratch = _NO_BUFFER  # the worker's buffer is the next request's
-        trace = bytes(message) if self._trace is not None else b""
+        trace = bytes(_whole(h, body, message)) if self._trace is not None else b""
         try:
             r = parse(h, memoryview(bytes(body)))  # the coroutine outlives the read buffer
             job = ask(r, ctx)
@@ -897,6 +906,15 @@ def _sized(value: bytes, size: int) -> bytes:
     if len(value) > size:
         raise OSError(errno.ERANGE, "buffer too small")
     return value
+
+
+def _whole(h: P.InHeader, body: memoryview, message: memoryview | None) -> memoryview:
+    """The message a request came in, or one rebuilt from its parts (without extensions), for the trace."""
+    if message is not None:
+        return message
+    header = abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid,
+                                0, 0)
+    return memoryview(header + bytes(body))
 
 
 def _not_connected(message: bytes) -> None:

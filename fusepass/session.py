@@ -50,7 +50,9 @@ DEFAULT_THREADS = 4
 REQUEST_BUFFER = abi.MAX_WRITE + abi.PAGE_SIZE
 _END_ERRNOS = (errno.ENODEV, errno.ECONNABORTED, errno.EBADF)
 _RETRY_ERRNOS = (errno.ENOENT, errno.EAGAIN, errno.EINTR)  # ENOENT: the request was interrupted meanwhile
-#: Set to 1 to make io_uring the default transport of every session (``-o io_uring`` per mount).
+#: Set to 1 to make io_uring the default transport of every session (``-o io_uring`` per mount);
+#: to ``require``, to make it the default and fail a session that would fall back to /dev/fuse
+#: (for test runs that must not pass by serving through /dev/fuse unnoticed).
 IO_URING_ENV = "FUSEPASS_IO_URING"
 #: Wakes a worker blocked in read(2) when the session hands its connection over (``hand_over``);
 #: whoever calls that must have a handler for it installed, in the main thread.
@@ -86,7 +88,8 @@ class Session:
 
     ``io_uring``: take requests through FUSE over io_uring (``fusepass.uring_transport``) where the
     kernel and the process allow it, else through /dev/fuse, with the reason in
-    ``io_uring_why_not`` (default: on if the environment variable FUSEPASS_IO_URING is 1).
+    ``io_uring_why_not`` (default: on if the environment variable FUSEPASS_IO_URING is 1 or ``require``;
+    with ``require`` a session left to that default fails instead of falling back).
     ``io_uring_depth``: ring entries per queue (default: 2, each with its own thread; for ``async def``
     handlers 1024 on one thread per queue, at most ``max_in_flight``). INIT, FORGET, INTERRUPT and
     notifications use /dev/fuse in any case (one worker there while the ring serves).
@@ -130,7 +133,10 @@ class Session:
             self.in_flight = aio.InFlight(limit, threads)
             self.runner = aio.LoopRunner(loop, self.in_flight)
         self.dispatcher = self._make_dispatcher()
-        self.io_uring_requested = os.environ.get(IO_URING_ENV) == "1" if io_uring is None else io_uring
+        from_env = os.environ.get(IO_URING_ENV)
+        self.io_uring_requested = from_env in ("1", "require") if io_uring is None else io_uring
+        #: The environment's default said ``require``: a fallback to /dev/fuse is a failure.
+        self.io_uring_required = io_uring is None and from_env == "require"
         self.io_uring_depth = io_uring_depth
         self.uring: UringTransport | None = None  # the ring entries, once prepared
         self.io_uring_why_not: str | None = None if self.io_uring_requested else "not asked for (-o io_uring)"
@@ -216,7 +222,8 @@ class Session:
             "io_uring_why_not": self.io_uring_why_not,
             "threads": 0 if ring is None else len(ring.workers),
             "queues": [] if ring is None else [
-                {"qid": qid, "entries": ring.depth, "requests": n} for qid, n in enumerate(ring.queue_counts())
+                {"qid": qid, "entries": ring.depth, "requests": n, "replaced": replaced}
+                for qid, (n, replaced) in enumerate(zip(ring.queue_counts(), ring.queue_replacements(), strict=True))
             ],
         }
 
@@ -236,6 +243,9 @@ class Session:
                 self.io_uring_why_not = "not with a supervisor (a successor could not take the rings over)"
             else:
                 self._prepare_uring(self.device)
+            if self.io_uring_required and self.uring is None:
+                self.close()  # unmounts: nothing was served yet
+                raise SessionError(f"io_uring required ({IO_URING_ENV}=require) but not used: {self.io_uring_why_not}")
         if self.journal is not None and self._take_over(self.journal):
             # Before any worker reads: what the kernel requeues is then exactly what the predecessor
             # read and never answered (a request read here and requeued would be answered twice).
@@ -288,8 +298,13 @@ class Session:
         log.warning("io_uring not used, serving through /dev/fuse: %s", reason)
 
     def _uring_fallback(self, reason: str) -> None:
-        """A registration failed after INIT: the kernel serves through /dev/fuse again; so do we."""
+        """A registration failed after INIT: the kernel serves through /dev/fuse again; so do we
+        (unless io_uring is required: then the connection is aborted, so that callers see it)."""
         self.io_uring_why_not = reason
+        if self.io_uring_required:
+            log.error("io_uring required (%s=require): aborting the connection", IO_URING_ENV)
+            self.abort()
+            return
         self._start_workers([], self.threads - 1)
 
     # --- taking over from a predecessor -----------------------------------------
@@ -572,7 +587,12 @@ class Session:
                 self.io_uring_why_not = refused_reason(bool(self.conn.kernel_flags & abi.InitFlag.OVER_IO_URING))
                 log.warning("io_uring not used, serving through /dev/fuse: %s", self.io_uring_why_not)
                 self.uring.cancel()
-                self._start_workers([], self.threads - 1)
+                if self.io_uring_required:
+                    self.dispatcher.failure = (f"io_uring required ({IO_URING_ENV}=require) but not used: "
+                                               f"{self.io_uring_why_not}")
+                    self.abort()
+                else:
+                    self._start_workers([], self.threads - 1)
         if self.conn is not None:
             self._raise_readahead(self.conn)
         self._ready.set()

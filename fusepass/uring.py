@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 
 from . import syscalls
 
@@ -38,6 +39,7 @@ _PARAMS = struct.Struct("<IIIIIII12x8IQ8IQ")
 SQE_HEAD_FORMAT = "<BBHiIIQIIQHHi"
 _SQE = struct.Struct(SQE_HEAD_FORMAT + f"{CMD_SIZE}x")
 _CQE = struct.Struct("<QiI")
+_CQE_RES = struct.Struct("<8xi")
 _U32 = struct.Struct("<I")
 
 
@@ -79,6 +81,7 @@ class Ring:
         self._sq_tail = _U32.unpack_from(rings, self._sq_tail_at)[0]
         self._cq_head = _U32.unpack_from(rings, self._cq_head_at)[0]
         self._unsubmitted = 0
+        self._enter = syscalls.io_uring_enterer(self.fd, ENTER_GETEVENTS)
 
     def push(self, opcode: int, fd: int, cmd_op: int, addr: int, length: int, user_data: int) -> None:
         """Queue an SQE on ``fd`` (submitted by the next ``enter``), its command area zero: ``cmd_op``
@@ -96,6 +99,55 @@ class Ring:
         sqe.pack_into(sqes, (self._sq_tail & self._sq_mask) * SQE_SIZE, *fields)
         self._sq_tail = (self._sq_tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1
+
+    def prefill(self, sqe: bytes) -> None:
+        """Write ``sqe`` (SQE_SIZE bytes) into every submission slot, for ``cycle``."""
+        sqes = self._sqes
+        if sqes is None:
+            raise ValueError("the ring is closed")
+        for i in range(self.sq_entries):
+            sqes[i * SQE_SIZE:(i + 1) * SQE_SIZE] = sqe
+
+    def cycle(self, field: struct.Struct, at: int, answer: Callable[[int], int | None]) -> int:
+        """Keep one command in flight, for ever: submit what was queued, wait for its completion, call
+        ``answer`` with its ``res``; then queue the SQE ``prefill`` wrote again, with ``field`` at byte
+        ``at`` of it set to the value ``answer`` returned, and so on. Returns the ``res`` that
+        ``answer`` returned None for. The request path of a ring entry: one system call and a few
+        struct operations per turn, on locals (the kernel has read an SQE by the time its submission
+        returns, so the slot may be written again)."""
+        rings, sqes = self._rings, self._sqes
+        if rings is None or sqes is None:
+            raise ValueError("the ring is closed")
+        if self._unsubmitted >= self.sq_entries:
+            raise BufferError("the submission queue is full")
+        enter, put = self._enter, field.pack_into
+        pack_u32, unpack_u32, unpack_res = _U32.pack_into, _U32.unpack_from, _CQE_RES.unpack_from
+        sq_tail_at, sq_mask = self._sq_tail_at, self._sq_mask
+        cq_tail_at, cq_head_at, cq_mask, cqes_at = self._cq_tail_at, self._cq_head_at, self._cq_mask, self._cqes_at
+        tail, head, pending = self._sq_tail, self._cq_head, self._unsubmitted
+        try:
+            while True:
+                pack_u32(rings, sq_tail_at, tail)
+                while True:
+                    taken = enter(pending, 1)
+                    if taken < 0:
+                        if taken == -errno.EINTR:  # nothing was submitted: again
+                            continue
+                        raise OSError(-taken, f"io_uring_enter: {os.strerror(-taken)}")
+                    pending -= taken
+                    if unpack_u32(rings, cq_tail_at)[0] != head:
+                        break
+                res: int = unpack_res(rings, cqes_at + (head & cq_mask) * CQE_SIZE)[0]
+                head = (head + 1) & 0xFFFFFFFF
+                pack_u32(rings, cq_head_at, head)
+                value = answer(res)
+                if value is None:
+                    return res
+                put(sqes, (tail & sq_mask) * SQE_SIZE + at, value)
+                tail = (tail + 1) & 0xFFFFFFFF
+                pending += 1
+        finally:
+            self._sq_tail, self._cq_head, self._unsubmitted = tail, head, pending
 
     def enter(self, wait: int) -> None:
         """Submit what was pushed and wait until at least ``wait`` completions are posted (0: do not

@@ -52,8 +52,9 @@ HOW_TO_ENABLE = (f"an administrator turns it on with `echo Y > {MODULE_PARAMETER
                  "the kernel command line keeps it on across reboots)")
 #: Every argument but the first fits here: the largest WRITE, or the largest reply.
 PAYLOAD_SIZE = max(8192, abi.MAX_WRITE, abi.MAX_PAGES * abi.PAGE_SIZE)
-#: Where the payload starts in an entry's buffer (the header struct comes first); the message the
-#: dispatcher reads is rebuilt just before it: the in header, then the first argument.
+#: Where the payload starts in an entry's buffer (the header struct comes first). A request with a
+#: first argument and a payload has the argument copied just before the payload, so that the
+#: dispatcher reads its body in one piece.
 PAYLOAD_AT = abi.PAGE_SIZE
 SLOT_SIZE = PAYLOAD_AT + PAYLOAD_SIZE
 _WAKE = 1 << 63  # the user_data of the eventfd read that wakes a thread with replies to commit
@@ -61,10 +62,14 @@ _OP_READ = 22
 _PAYLOAD_SZ_AT = abi.URING_ENT_IN_OUT + 16
 _IOVECS = struct.Struct("<QQQQ")  # two struct iovec: header, payload
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_IN_FIELDS = struct.Struct("<IIQQIIIH")  # the in header's fields but its padding: a P.InHeader
 #: An URING_CMD SQE to /dev/fuse: the SQE's fixed fields, then fuse_uring_cmd_req in the command area.
 _FUSE_SQE = struct.Struct(uring.SQE_HEAD_FORMAT + abi.URING_CMD_REQ.format[1:]
                           + f"{uring.CMD_SIZE - abi.URING_CMD_REQ.size}x")
 assert _FUSE_SQE.size == uring.SQE_SIZE
+_new_header = tuple.__new__  # a P.InHeader without NamedTuple's Python-level __new__
+_COMMIT_ID_AT = struct.calcsize(uring.SQE_HEAD_FORMAT) + 8  # in the SQE: after the command's flags
 _END_ERRNOS = (errno.ENOTCONN, errno.ECANCELED, errno.ECONNABORTED, errno.ENODEV)
 _PREPARE_TIMEOUT = 10.0
 
@@ -226,6 +231,13 @@ class UringTransport:
             counts[w.qid] += w.requests
         return counts
 
+    def queue_replacements(self) -> list[int]:
+        """Entries registered again after a failed COMMIT_AND_FETCH, per queue, by qid."""
+        counts = [0] * self.queues
+        for w in self.workers:
+            counts[w.qid] += w.replaced
+        return counts
+
     def _wait_go(self) -> bool:
         self._go.wait()
         return not self._cancelled
@@ -284,6 +296,7 @@ class _Worker:
         self.slots = slots
         self.wakeable = wakeable
         self.requests = 0
+        self.replaced = 0  # entries registered again after a failed COMMIT_AND_FETCH
         self.setup_error: OSError | None = None
         self.scratch = Scratch()  # its deliver is set to the entry's before each request
         self._delivers = [functools.partial(self._deliver_later, i) for i in range(slots)]
@@ -337,16 +350,19 @@ class _Worker:
             _IOVECS.pack_into(iovecs, i * _IOVECS.size, at, abi.URING_HEADER_SIZE, at + PAYLOAD_AT, PAYLOAD_SIZE)
         iov_base = syscalls.buffer_address(iovecs)
         self._iov_base = iov_base
-        for i in range(self.slots):
-            self._push(ring, abi.URING_CMD_REGISTER, i, 0)
-        wake = bytearray(8)
-        if self.wakeable:
-            ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE)
         view = memoryview(buf)
-        handle = t.dispatcher.handle
-        registered = [False] * self.slots
-        live = self.slots
         try:
+            if not self.wakeable:
+                self._serve_alone(ring, buf, view)
+                return
+            for i in range(self.slots):
+                self._push(ring, abi.URING_CMD_REGISTER, i, 0)
+            wake = bytearray(8)
+            ring.push(_OP_READ, self._wake_fd, 0, syscalls.buffer_address(wake), 8, _WAKE)
+            handle = t.dispatcher.handle_parts
+            registered = [False] * self.slots
+            replaced: set[int] = set()  # entries registered again after a failed COMMIT_AND_FETCH
+            live = self.slots
             while live:
                 ring.enter(1)
                 for slot, res in ring.reap():
@@ -357,41 +373,89 @@ class _Worker:
                         for admitted in t._admit_deferred(self):
                             self._answer(ring, buf, view, admitted, handle, admitted=True)
                     elif res < 0:
-                        live -= 1
-                        self._ended_by(-res, registered[slot])
+                        if self._replaces(-res, registered[slot], slot in replaced):
+                            registered[slot] = False
+                            replaced.add(slot)
+                            self._push(ring, abi.URING_CMD_REGISTER, slot, 0)
+                        else:
+                            live -= 1
                     else:
                         registered[slot] = True
                         self._answer(ring, buf, view, slot, handle)
         finally:
             view.release()
 
+    def _serve_alone(self, ring: Ring, buf: mmap.mmap, view: memoryview) -> None:
+        """The request path of a worker of plain handlers: one entry, one command in flight, so each
+        turn is one system call (the reply committed, the next request fetched) and the SQE is
+        written once, with only the request's unique changed per turn (``Ring.cycle``)."""
+        commit = _FUSE_SQE.pack(uring.OP_URING_CMD, 0, 0, self.transport.fd, abi.URING_CMD_COMMIT_AND_FETCH, 0,
+                                self._iov_base, 2, 0, 0, 0, 0, 0, 0, 0, self.qid)
+        handle = self.transport.dispatcher.handle_parts
+        scratch = self.scratch
+
+        def answer(res: int) -> int | None:
+            """Serve the request the entry holds (``res`` >= 0) and write its reply; its unique, for
+            the COMMIT_AND_FETCH. None when the kernel ended the entry."""
+            if res < 0:
+                return None
+            request = _request(buf, view, 0)
+            if request is None:
+                unique: int = _U64.unpack_from(buf, 8)[0]
+                outcome = Outcome((abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -errno.EIO, unique),))
+            else:
+                h, body = request
+                unique = h.unique
+                answered = handle(h, body, scratch)
+                if answered is None:
+                    outcome = _no_answer(h.opcode, unique)
+                elif answered is PENDING:  # cannot happen: only coroutine handlers pend, on wakeable workers
+                    raise AssertionError("a request pends on an io_uring worker that cannot be woken")
+                else:
+                    outcome = answered
+            if not _write_reply(buf, 0, outcome.reply):
+                outcome.undelivered()
+                _write_reply(buf, 0, (abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -errno.EIO, unique),))
+                outcome = Outcome(())
+            self.requests += 1
+            if outcome.after is not None:
+                outcome.after()
+            return unique
+
+        again = False
+        while True:
+            self._push(ring, abi.URING_CMD_REGISTER, 0, 0)
+            ring.enter(0)  # the REGISTER read by the kernel: every slot may take the COMMIT_AND_FETCH
+            ring.prefill(commit)
+            before = self.requests
+            res = ring.cycle(_U64, _COMMIT_ID_AT, answer)
+            # A request came since the REGISTER: it worked, and what failed is a COMMIT_AND_FETCH.
+            if not self._replaces(-res, self.requests > before, again):
+                return
+            again = True
+
     def _answer(self, ring: Ring, buf: mmap.mmap, view: memoryview, slot: int,
-                handle: Callable[[memoryview, Scratch], Outcome | Pending | None], admitted: bool = False) -> None:
+                handle: Callable[[P.InHeader, memoryview, Scratch], Outcome | Pending | None],
+                admitted: bool = False) -> None:
         """Serve the request in entry ``slot``, and commit its reply unless a coroutine answers it
         (or the bound leaves it waiting: ``admitted`` once it has been counted in)."""
         if not admitted and not self.transport._admit(self, slot):
             return
         o = slot * SLOT_SIZE
-        length, opcode, unique = abi.IN_HEADER.unpack_from(buf, o)[:3]
-        payload = _U32.unpack_from(buf, o + _PAYLOAD_SZ_AT)[0]
-        first = length - abi.IN_HEADER.size - payload  # the first argument's size, in op_in
+        request = _request(buf, view, o)
         outcome: Outcome | Pending | None
-        if 0 <= first <= abi.URING_OP_IN and payload <= PAYLOAD_SIZE:
-            start = o + PAYLOAD_AT - first - abi.IN_HEADER.size
-            buf[start:start + abi.IN_HEADER.size] = buf[o:o + abi.IN_HEADER.size]
-            buf[o + PAYLOAD_AT - first:o + PAYLOAD_AT] = buf[o + abi.URING_OP_IN:o + abi.URING_OP_IN + first]
-            self.scratch.deliver = self._delivers[slot]
-            outcome = handle(view[start:o + PAYLOAD_AT + payload], self.scratch)
-            if outcome is PENDING:
-                if not self.wakeable:  # cannot happen: only coroutine handlers pend, and they get wakeable workers
-                    raise AssertionError("a request pends on an io_uring worker that cannot be woken")
-                return
-        else:
-            log.error("io_uring entry with an impossible size: len %d, payload %d", length, payload)
+        if request is None:
+            unique = _U64.unpack_from(buf, o + 8)[0]
             outcome = Outcome((abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -errno.EIO, unique),))
-        if outcome is None:  # a request that takes no answer (NOTIFY_REPLY): commit an empty one
-            err = 0 if opcode in abi.NO_REPLY_OPCODES else -errno.EIO
-            outcome = Outcome((abi.OUT_HEADER.pack(abi.OUT_HEADER.size, err, unique),))
+        else:
+            h, body = request
+            unique = h.unique
+            self.scratch.deliver = self._delivers[slot]
+            outcome = handle(h, body, self.scratch)
+            if outcome is PENDING:
+                return
+            if outcome is None:
+                outcome = _no_answer(h.opcode, unique)
         self._commit(ring, buf, slot, unique, outcome)
 
     def _commit(self, ring: Ring, buf: mmap.mmap, slot: int, unique: int, outcome: Outcome) -> None:
@@ -423,15 +487,27 @@ class _Worker:
             unique = abi.IN_HEADER.unpack_from(buf, slot * SLOT_SIZE)[2]
             self._commit(ring, buf, slot, unique, outcome)
 
-    def _ended_by(self, err: int, registered: bool) -> None:
+    def _replaces(self, err: int, registered: bool, again: bool) -> bool:
+        """An entry's command failed with ``err``: whether to register the entry again. Yes after a
+        failed COMMIT_AND_FETCH (the kernel then holds the entry as the server's for good, so the
+        queue would have one entry fewer, none at depth 1: its CPU's callers would wait for ever);
+        no when the connection is gone, or a REGISTER failed (``again``: one that replaced an entry;
+        otherwise the first, and the kernel serves through /dev/fuse: so does the session). What the
+        failed command's reply promised is not undone: the error may have come after the kernel took
+        it (sending the next request), and a node counted twice is a leak, one forgotten an error."""
         if err in _END_ERRNOS:
-            return  # the connection is gone: unmounted, aborted, or the kernel cancelled the ring
-        what = "COMMIT_AND_FETCH" if registered else "REGISTER"
-        if not registered:
-            self.transport._registration_failed(f"{what} of queue {self.qid} failed: {os.strerror(err)}")
+            return False  # the connection is gone: unmounted, aborted, or the kernel cancelled the ring
+        if registered:
+            self.replaced += 1
+            log.warning("FUSE over io_uring: COMMIT_AND_FETCH on queue %d failed: %s; the entry is registered "
+                        "again", self.qid, os.strerror(err))
+            return True
+        if again:
+            log.error("FUSE over io_uring: registering an entry of queue %d again failed: %s; this entry ends",
+                      self.qid, os.strerror(err))
         else:
-            log.error("FUSE over io_uring: %s on queue %d failed: %s; this entry ends", what, self.qid,
-                      os.strerror(err))
+            self.transport._registration_failed(f"REGISTER of queue {self.qid} failed: {os.strerror(err)}")
+        return False
 
     def _deliver_later(self, slot: int, outcome: Outcome) -> None:
         """A coroutine's reply for entry ``slot``: queued for the thread, which the eventfd wakes
@@ -450,9 +526,46 @@ class _Worker:
                 os.eventfd_write(self._wake_fd, 1)
 
 
+def _request(buf: mmap.mmap, view: memoryview, o: int) -> tuple[P.InHeader, memoryview] | None:
+    """The header and body (without extensions) of the request in the entry at ``o``, read where
+    the kernel put them; None if its sizes are impossible. The first argument is in op_in, the
+    rest in the payload buffer: a body of both has the first copied just before the payload."""
+    fields = _IN_FIELDS.unpack_from(buf, o)
+    payload = _U32.unpack_from(buf, o + _PAYLOAD_SZ_AT)[0]
+    first = fields[0] - abi.IN_HEADER.size - payload  # the first argument's size, in op_in
+    ext = fields[7] * 8
+    if not 0 <= first <= abi.URING_OP_IN or payload > PAYLOAD_SIZE or ext > first + payload:
+        log.error("io_uring entry with an impossible size: len %d, payload %d", fields[0], payload)
+        return None
+    if not payload:
+        start = o + abi.URING_OP_IN
+    elif not first:
+        start = o + PAYLOAD_AT
+    else:
+        start = o + PAYLOAD_AT - first
+        buf[start:start + first] = view[o + abi.URING_OP_IN:o + abi.URING_OP_IN + first]
+    return _new_header(P.InHeader, fields), view[start:start + first + payload - ext]
+
+
+def _no_answer(opcode: int, unique: int) -> Outcome:
+    """What to commit for a request that takes no answer (NOTIFY_REPLY): an empty reply."""
+    err = 0 if opcode in abi.NO_REPLY_OPCODES else -errno.EIO
+    return Outcome((abi.OUT_HEADER.pack(abi.OUT_HEADER.size, err, unique),))
+
+
 def _write_reply(buf: mmap.mmap, o: int, parts: Sequence[P.Buffer]) -> bool:
     """The out header into the in_out of the entry at ``o``, the rest into its payload buffer, and
     its size; False if it does not fit."""
+    if len(parts) == 2 and len(parts[0]) == abi.OUT_HEADER.size:  # the usual shape: header, body
+        head, body = parts
+        n = len(body)
+        if n > PAYLOAD_SIZE:
+            return False
+        at = o + PAYLOAD_AT
+        buf[at:at + n] = body
+        buf[o:o + abi.OUT_HEADER.size] = head
+        _U32.pack_into(buf, o + _PAYLOAD_SZ_AT, n)
+        return True
     head = parts[0]
     rest = parts[1:]
     if len(head) != abi.OUT_HEADER.size:

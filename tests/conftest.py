@@ -27,7 +27,9 @@ SERVERS = Path(__file__).resolve().parent / "servers"
 READY_TIMEOUT = 30.0
 URING_PARAMETER = Path("/sys/module/fuse/parameters/enable_uring")
 #: FUSEPASS_TEST_IO_URING=1 runs every server of the suite over io_uring: the module parameter is
-#: turned on for the run (and put back after it), and servers get FUSEPASS_IO_URING=1.
+#: turned on for the run (and put back after it), and servers get FUSEPASS_IO_URING=require, so that
+#: a server left to the default fails rather than falls back to /dev/fuse unnoticed (those that ask
+#: for a transport themselves, ``-o io_uring`` or ``--supervise``, get what they ask for).
 TEST_IO_URING = os.environ.get("FUSEPASS_TEST_IO_URING") == "1"
 
 
@@ -53,7 +55,7 @@ def _suite_over_io_uring() -> Iterator[None]:
         yield
         return
     saved = os.environ.get("FUSEPASS_IO_URING")
-    os.environ["FUSEPASS_IO_URING"] = "1"
+    os.environ["FUSEPASS_IO_URING"] = "require"
     try:
         with uring_parameter("Y"):
             yield

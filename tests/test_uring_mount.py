@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from conftest import ServerProcess, fusepass_cli, mirror_argv, poll_until, python_module
 
-from fusepass import control, uring_transport
+from fusepass import abi, control, uring_transport
 from fusepass import mount as mountmod
 from fusepass.examples.memfs import MemFS
-from fusepass.session import Session
+from fusepass.session import Session, SessionError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -185,3 +185,54 @@ def test_a_killed_server_over_io_uring_leaves_enotconn_and_its_connection_goes_a
     connections = Path(mountmod.ensure_fusectl())
     poll_until(lambda: (connections / str(conn)).exists(), lambda present: not present,
                "the killed server's connection is released")
+
+
+def test_with_io_uring_required_a_server_that_would_fall_back_fails_and_leaves_no_mount(
+        disable_uring, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEPASS_IO_URING", "require")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    session = Session(MemFS(), str(mnt))
+    with pytest.raises(SessionError, match="io_uring required .*enable_uring is off"):
+        session.start()
+    session.close()
+    assert mountmod.mount_entry(str(mnt)) is None
+    assert ring_descriptors(os.getpid()) == 0
+
+
+def test_an_entry_whose_commit_and_fetch_fails_is_registered_again(enable_uring, tmp_path, monkeypatch):
+    """The reply to a LOOKUP of "poison" is committed under a unique the kernel does not know: that
+    COMMIT_AND_FETCH fails, the entry is registered again, and the queue (of one entry) goes on
+    serving its CPU's callers."""
+    def poisoning(buf: Any, view: memoryview, o: int) -> Any:
+        request = take(buf, view, o)
+        if request is not None and request[0].opcode == abi.Opcode.LOOKUP and bytes(request[1]) == b"poison\0":
+            return request[0]._replace(unique=request[0].unique + (1 << 40)), request[1]
+        return request
+
+    take = uring_transport._request
+    monkeypatch.setattr(uring_transport, "_request", poisoning)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    session = Session(MemFS(), str(mnt), io_uring=True, io_uring_depth=1)
+    cpu = min(os.sched_getaffinity(0))
+    on_cpu = f"import os, sys\nos.sched_setaffinity(0, {{{cpu}}})\nos.stat(sys.argv[1])\n"
+    stuck = None
+    try:
+        session.start()
+        assert session.wait_ready(30) and session.over_io_uring
+        (mnt / "f").write_bytes(b"x")
+        # Its LOOKUP's reply never reaches the kernel: the caller waits (unkillably: the request was
+        # sent) until the connection is aborted.
+        stuck = subprocess.Popen([sys.executable, "-c", on_cpu, str(mnt / "poison")], stderr=subprocess.DEVNULL)
+        assert session.uring is not None
+        poll_until(lambda: session.uring.queue_replacements()[cpu], lambda n: n == 1,  # type: ignore[union-attr]
+                   "the entry is registered again")
+        subprocess.run([sys.executable, "-c", on_cpu, str(mnt / "f")], check=True, timeout=30)
+        assert session.transport_status()["queues"][cpu]["replaced"] == 1  # type: ignore[index]
+    finally:
+        session.abort()  # ends the poisoned LOOKUP (the caller gets ENOTCONN)
+        session.close()
+        if stuck is not None:
+            assert stuck.wait(20) != 0
+    assert mountmod.mount_entry(str(mnt)) is None

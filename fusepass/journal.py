@@ -33,8 +33,9 @@ _RELEASE = struct.Struct("<QB")  # fh, is a directory
 _BACKING = struct.Struct("<Qi")  # nodeid, backing id
 _ID = struct.Struct("<Q")
 _COUNTED = struct.Struct("<QQQ")  # the request's unique, nodeid, n
+_APPEND = struct.Struct("<QQ")  # the request's unique, the file's size before its O_APPEND write
 
-INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED = range(1, 12)
+INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED, APPEND = range(1, 13)
 #: Changes begun that are remembered (the kernel's uniques never repeat: only the latest matter).
 KEEP_INTENTS = 4096
 #: The log is compacted when it is this many times the size of the live state (and at least MIN_COMPACT).
@@ -58,6 +59,8 @@ class State:
     #: The lookups each recent request counted (by unique, without the resend bit): if it comes again,
     #: resent, none of them reached the kernel (it would not resend a request it had the reply to).
     counted: OrderedDict[int, list[tuple[int, int]]] = field(default_factory=OrderedDict)
+    #: Where recent O_APPEND writes began (by unique, without the resend bit): a resent one may be made.
+    appends: OrderedDict[int, int] = field(default_factory=OrderedDict)
 
     def apply(self, kind: int, payload: bytes) -> None:
         if kind == NODE:
@@ -98,6 +101,11 @@ class State:
                 self.counted.popitem(last=False)
         elif kind == UNCOUNTED:
             self.counted.pop(_ID.unpack(payload)[0], None)
+        elif kind == APPEND:
+            unique, size = _APPEND.unpack(payload)
+            self.appends[unique] = size
+            if len(self.appends) > KEEP_INTENTS:
+                self.appends.popitem(last=False)
         elif kind == INIT:
             self.init = payload
 
@@ -121,6 +129,7 @@ class State:
         out += [(INTENT, _ID.pack(unique)) for unique in self.intents]
         out += [(COUNTED, _COUNTED.pack(unique, nodeid, n)) for unique, items in self.counted.items()
                 for nodeid, n in items]
+        out += [(APPEND, _APPEND.pack(unique, size)) for unique, size in self.appends.items()]
         return out
 
 
@@ -232,6 +241,15 @@ class Journal:
     def intent(self, unique: int) -> None:
         """A change (a creation, removal, rename) is about to be made for request ``unique``."""
         self._append(INTENT, _ID.pack(unique))
+
+    def appending(self, unique: int, size: int) -> None:
+        """Request ``unique`` (resend bit dropped) is about to append to a file now ``size`` bytes long."""
+        self._append(APPEND, _APPEND.pack(unique & ~RESEND_BIT, size))
+
+    def appended_at(self, unique: int) -> int | None:
+        """Where a predecessor's O_APPEND write for request ``unique`` began, if it began one."""
+        with self._lock:
+            return self.state.appends.get(unique & ~RESEND_BIT)
 
     def in_doubt(self, unique: int) -> bool:
         """Whether a predecessor began the change of request ``unique`` (without the resend bit)."""

@@ -833,7 +833,22 @@ class Mirror(Operations):
             if capability is not None:
                 os.setxattr(fh, _CAPABILITY, capability)
             return written
+        if self.journal is not None and fcntl.fcntl(fh, fcntl.F_GETFL) & os.O_APPEND:
+            return self._journaled_append(ctx, fh, data)
         return os.pwrite(fh, data, offset)
+
+    def _journaled_append(self, ctx: Context, fh: int, data: memoryview) -> int:
+        """An O_APPEND write under a supervisor. Where it begins is recorded first: if the server dies
+        before its reply, the kernel resends it, and a successor must not append it a second time
+        (a write at an offset may simply be made again; an append would duplicate the data)."""
+        journal = self.journal
+        assert journal is not None
+        if ctx.unique & abi.UNIQUE_RESEND:
+            start = journal.appended_at(ctx.unique)
+            if start is not None and _holds(fh, start, data):
+                return len(data)  # made by the predecessor
+        journal.appending(ctx.unique, os.fstat(fh).st_size)
+        return os.pwrite(fh, data, 0)  # O_APPEND: at the end, whatever the offset
 
     def release(self, ctx: Context, ino: int, fh: int, flags: int) -> None:
         with self._lock:
@@ -1020,6 +1035,15 @@ class _Pin:
 
     def __exit__(self, *exc: object) -> None:
         self.mirror._release_fd(self.inode)
+
+
+def _holds(fd: int, offset: int, data: memoryview) -> bool:
+    """Whether the file open as ``fd`` (perhaps write-only) holds ``data`` at ``offset``."""
+    reader = os.open(_proc(fd), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(reader, len(data), offset) == data
+    finally:
+        os.close(reader)
 
 
 def stacked_source(path: str) -> bool:

@@ -3,6 +3,7 @@ through the dispatcher as the kernel would drive it (``FakeKernel``)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterator
@@ -176,4 +177,34 @@ def test_a_resent_lookup_is_counted_once(tmp_path: Path, files: tuple[int, int])
     assert k.dispatcher.journal.state.nodes[nodeid][0] == 1
     k.send(k.message(abi.Opcode.FORGET, abi.FORGET_IN.pack(1), nodeid=nodeid)[1])
     assert nodeid not in k.dispatcher.journal.state.nodes
+    k.dispatcher.fs.destroy()
+
+
+def test_a_resent_append_its_predecessor_made_is_not_made_twice(tmp_path: Path, files: tuple[int, int]) -> None:
+    """A served O_APPEND write whose reply died with the server comes again, resent: appending it
+    again would duplicate it. One the predecessor never began is appended."""
+    (tmp_path / "log").write_bytes(b"start;")
+    first = successor(tmp_path, files)
+    first.init()
+    nodeid = abi.ENTRY_OUT.unpack_from(first.call(abi.Opcode.LOOKUP, lookup_body(b"log")).payload)[0]
+    opened = first.call(abi.Opcode.OPEN, abi.OPEN_IN.pack(os.O_WRONLY | os.O_APPEND, 0), nodeid=nodeid)
+    fh = abi.OPEN_OUT.unpack_from(opened.payload)[0]
+
+    def write(data: bytes) -> bytes:
+        return abi.WRITE_IN.pack(fh, 6, len(data), 0, 0, os.O_WRONLY | os.O_APPEND, 0) + data
+
+    made, msg = first.message(abi.Opcode.WRITE, write(b"one;"), nodeid=nodeid)
+    assert first.send(msg)[0].error == 0  # appended; the reply is lost with the server
+    first.dispatcher.fs.destroy()
+    with contextlib.suppress(OSError):
+        os.close(fh)  # the predecessor dies: its descriptors close
+
+    k = successor(tmp_path, files)
+    again = k.call(abi.Opcode.WRITE, write(b"one;"), nodeid=nodeid, unique=made | R)
+    assert again.error == 0 and abi.WRITE_OUT.unpack_from(again.payload)[0] == 4
+    assert (tmp_path / "log").read_bytes() == b"start;one;"
+    never_begun = k.call(abi.Opcode.WRITE, write(b"two;"), nodeid=nodeid, unique=(made + 2) | R)
+    assert never_begun.error == 0
+    assert k.call(abi.Opcode.WRITE, write(b"three;"), nodeid=nodeid).error == 0
+    assert (tmp_path / "log").read_bytes() == b"start;one;two;three;"
     k.dispatcher.fs.destroy()

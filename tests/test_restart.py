@@ -194,7 +194,12 @@ print(n)
 """
 
 
-def test_server_killed_again_and_again_no_caller_sees_an_error(supervised: Supervised) -> None:
+def under_workload(supervised: Supervised, disrupt: Callable[[], int], times: int, seed: int,
+                   longest: float) -> list[int]:
+    """Run the workload (a reader reopening a file, a writer fsyncing every block, a read-only
+    mapping, a metadata worker, a process with its cwd inside) while ``disrupt`` replaces the server
+    ``times`` times, a random pause of up to ``longest`` seconds apart; assert that no caller saw an
+    error and that the source holds every fsynced byte. Returns what ``disrupt`` returned (the pids)."""
     mnt, src = supervised.mnt, supervised.source
     data = random.Random(0).randbytes(1 << 20)
     (src / "r.bin").write_bytes(data)
@@ -205,15 +210,16 @@ def test_server_killed_again_and_again_no_caller_sees_an_error(supervised: Super
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers = Workers()
     model = bytearray()
+    pids = []
     try:
         workers.start("reader", reader(mnt, data, workers.stop))
         workers.start("writer", writer(mnt, model, workers.stop))
         workers.start("mapper", mapper(mnt, data[: 256 * 1024], workers.stop))
         workers.start("metadata", metadata(mnt, workers.stop))
-        rng = random.Random(2)
-        for _ in range(KILLS):
-            workers.stop.wait(rng.uniform(0.05, 0.4))
-            supervised.kill_server()
+        rng = random.Random(seed)
+        for _ in range(times):
+            workers.stop.wait(rng.uniform(0.05, longest))
+            pids.append(disrupt())
         workers.stop.wait(0.2)
     finally:
         workers.join()
@@ -223,8 +229,12 @@ def test_server_killed_again_and_again_no_caller_sees_an_error(supervised: Super
     assert int(out) > 0
     assert (src / "w.bin").read_bytes() == bytes(model)
     assert len(model) > 0
+    return pids
+
+
+def test_server_killed_again_and_again_no_caller_sees_an_error(supervised: Supervised) -> None:
+    under_workload(supervised, supervised.kill_server, KILLS, seed=2, longest=0.4)
     restarts = supervised.status()["restarts"]
-    print(restarts)
     assert restarts["count"] == KILLS
     assert restarts["last_cause"] == "killed by SIGKILL"
     assert restarts["worst_recovery_ms"] > 0
@@ -237,36 +247,8 @@ def test_restarted_again_and_again_no_caller_sees_an_error(supervised: Supervise
     """``fusepass restart`` in a loop under the kill test's workload: every request in flight is
     answered by the old server or waits for the new one; fsynced data is what the model says; the
     servers and the supervisor hold no more than before."""
-    mnt, src = supervised.mnt, supervised.source
-    data = random.Random(0).randbytes(1 << 20)
-    (src / "r.bin").write_bytes(data)
-    (src / "m.bin").write_bytes(data[: 256 * 1024])
-    (src / "cwd").mkdir()
-    (src / "cwd" / "f").write_text("in cwd\n")
     supervisor_fds = supervised.supervisor_fds()
-    cwd = subprocess.Popen([sys.executable, "-c", CWD_SCRIPT], cwd=mnt / "cwd", stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    workers = Workers()
-    model = bytearray()
-    pids = []
-    try:
-        workers.start("reader", reader(mnt, data, workers.stop))
-        workers.start("writer", writer(mnt, model, workers.stop))
-        workers.start("mapper", mapper(mnt, data[: 256 * 1024], workers.stop))
-        workers.start("metadata", metadata(mnt, workers.stop))
-        rng = random.Random(3)
-        for _ in range(RESTARTS):
-            workers.stop.wait(rng.uniform(0.05, 0.3))
-            pids.append(supervised.restart())
-        workers.stop.wait(0.2)
-    finally:
-        workers.join()
-        out, err = cwd.communicate(b"", timeout=60)  # its stdin ends: it stops
-    assert workers.errors == [], supervised.server.log()
-    assert cwd.returncode == 0, err.decode()
-    assert int(out) > 0
-    assert (src / "w.bin").read_bytes() == bytes(model)
-    assert len(model) > 0
+    pids = under_workload(supervised, supervised.restart, RESTARTS, seed=3, longest=0.3)
     assert len(set(pids)) == RESTARTS
     st = supervised.status()
     restarts = st["restarts"]

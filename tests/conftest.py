@@ -73,10 +73,10 @@ def expected_threads(status: dict[str, Any], dev_fuse_workers: int) -> int:
     return dev_fuse_workers if transport["kind"] == "/dev/fuse" else 1 + transport["threads"]
 
 
-#: What a caller gets from the mount of a killed server: ENOTCONN; over io_uring ECONNABORTED too, for
-#: a request queued while the dead process's rings still held its /dev/fuse file (the kernel cancels
-#: their commands after the process has gone).
-DEAD_SERVER_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED) if TEST_IO_URING else (errno.ENOTCONN,)
+#: What a caller gets from the mount of a killed server: ENOTCONN; over io_uring ECONNABORTED or
+#: ECANCELED too, for a request queued while the dead process's rings still held its /dev/fuse file
+#: (the kernel cancels their commands after the process has gone).
+DEAD_SERVER_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED) if TEST_IO_URING else (errno.ENOTCONN,)
 
 
 @pytest.fixture

@@ -599,8 +599,8 @@ def _format_status(st: dict[str, Any]) -> str:
         line = f"  supervised by pid {restarts['supervisor_pid']}; restarts: {restarts['count']}"
         if restarts["count"]:
             line += (f" (last {restarts['last_at']}: {restarts['last_cause']}; recovered in "
-                     f"{restarts['last_recovery_ms']} ms, median {restarts['median_recovery_ms']} ms, "
-                     f"worst {restarts['worst_recovery_ms']} ms)")
+                     f"{restarts['last_recovery_ms']:.1f} ms, median {restarts['median_recovery_ms']:.1f} ms, "
+                     f"worst {restarts['worst_recovery_ms']:.1f} ms)")
         lines.append(line)
     if st.get("malformed_requests"):
         lines.append(f"  malformed requests refused: {st['malformed_requests']}")

@@ -76,7 +76,8 @@ class Restarts:
         return {
             "supervisor_pid": self.supervisor_pid, "count": self.count, "last_cause": self.last_cause,
             "last_at": self.last_at, "last_recovery_ms": r[-1] if r else None,
-            "median_recovery_ms": statistics.median(r) if r else None, "worst_recovery_ms": max(r) if r else None,
+            "median_recovery_ms": round(statistics.median(r), 3) if r else None,
+            "worst_recovery_ms": max(r) if r else None,
         }
 
 

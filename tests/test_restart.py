@@ -76,6 +76,16 @@ class Supervised:
         self.pids.add(new)
         return new
 
+    def cleanup(self) -> None:
+        """Unmount (the server fixture's teardown), then SIGKILL every server this mount had that
+        outlived its supervisor."""
+        self.server.cleanup()
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def supervisor_fds(self) -> int:
         assert self.server.proc is not None
         return len(os.listdir(f"/proc/{self.server.proc.pid}/fd"))
@@ -91,12 +101,7 @@ def supervised(request: pytest.FixtureRequest, start_server: Callable[..., Serve
     try:
         yield s
     finally:
-        server.cleanup()
-        for pid in s.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        s.cleanup()
 
 
 class Workers:
@@ -362,12 +367,7 @@ def test_a_stopped_server_is_replaced_within_its_deadline(start_server: Callable
         assert restarts["count"] == 1 and restarts["last_cause"].startswith("hung (no progress for "), \
             (restarts, s.server.log())
     finally:
-        s.server.cleanup()
-        for pid in s.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        s.cleanup()
 
 
 def copy_of_the_code(where: Path) -> Path:
@@ -388,12 +388,7 @@ def supervised_copy(start_server: Callable[..., ServerProcess], tmp_path: Path) 
     try:
         yield s, code
     finally:
-        s.server.cleanup()
-        for pid in s.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        s.cleanup()
 
 
 def cmdline(pid: int) -> list[str]:
@@ -532,9 +527,4 @@ def test_a_new_server_that_hangs_after_taking_over_is_replaced(start_server: Cal
         assert waited < TAKE_OVER_MIN + 10, waited
         assert "the new server failed" in s.status()["restarts"]["last_cause"]
     finally:
-        s.server.cleanup()
-        for pid in s.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        s.cleanup()

@@ -32,17 +32,22 @@ from fusepass.session import Session
 TRANSPORTS = ("/dev/fuse", "io_uring")
 
 
+def stat_for(path: str, seconds: float) -> int:
+    """stat(2) ``path`` in a loop for ``seconds``; how many were made (the clock read every 64)."""
+    n = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(64):
+            os.stat(path)
+        n += 64
+    return n
+
+
 def _caller(mnt: str, go: int, out: int, seconds: float) -> None:
     """A forked caller: wait for the start byte, stat ``mnt`` for ``seconds``, report the count."""
     try:
         os.read(go, 1)
-        n = 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for _ in range(64):
-                os.stat(mnt)
-            n += 64
-        os.write(out, struct.pack("<Q", n))
+        os.write(out, struct.pack("<Q", stat_for(mnt, seconds)))
     finally:
         os._exit(0)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from bench import targets
 from bench.enable_uring import uring_parameter
+from bench.getattr_rate import stat_for
 
 _REPO = Path(__file__).resolve().parent.parent
 RANDREAD_FILE_MIB = 64
@@ -151,7 +152,7 @@ def _measure(workload: str, mnt: str, tree: Path, args: argparse.Namespace) -> f
     if workload == "randread":
         return _in_children(1, lambda: _random_reads(f"{mnt}/data", args.seconds))
     callers = int(workload.removeprefix("getattr"))
-    return _in_children(callers, lambda: _stats(mnt, args.seconds))
+    return _in_children(callers, lambda: stat_for(mnt, args.seconds))
 
 
 def _random_reads(path: str, seconds: float) -> int:
@@ -175,16 +176,6 @@ def _random_reads(path: str, seconds: float) -> int:
         return n
     finally:
         os.close(fd)
-
-
-def _stats(mnt: str, seconds: float) -> int:
-    n = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for _ in range(64):
-            os.stat(mnt)
-        n += 64
-    return n
 
 
 def _in_children(n: int, work: Callable[[], int]) -> float:

@@ -194,14 +194,16 @@ class Session:
     def passthrough_why_not(self) -> str | None:
         return self.registry.why_not
 
+    def _all_scratches(self) -> list[Scratch]:
+        """Every worker's scratch, the ring's included: where the request counts are."""
+        return self._scratches + (self.uring.scratches if self.uring is not None else [])
+
     def op_stats(self) -> dict[str, OpSummary]:
-        ring = self.uring.scratches if self.uring is not None else []
-        return summarize([s.stats for s in self._scratches + ring] + [self.dispatcher.runner_stats])
+        return summarize([s.stats for s in self._all_scratches()] + [self.dispatcher.runner_stats])
 
     @property
     def malformed_requests(self) -> int:
-        ring = self.uring.scratches if self.uring is not None else []
-        return sum(s.stats.malformed for s in self._scratches + ring)
+        return sum(s.stats.malformed for s in self._all_scratches())
 
     @property
     def worker_count(self) -> int:

@@ -157,10 +157,10 @@ class _Plan:
         a successor makes it while its predecessor still serves)."""
         return functools.partial(self.serve_supervised, self.make_fs())
 
-    def serve_supervised(self, fs: Mirror, devices: list[Device], files: tuple[int, int], restarts: Restarts,
+    def serve_supervised(self, fs: Mirror, devices: list[Device], files: tuple[int, int, int], restarts: Restarts,
                          ready_fd: int) -> int:
         """Serve ``fs`` under the supervisor (with ``supervised``, a ``supervisor.ServerMain``)."""
-        session = self.session(fs, device=devices[0], clones=devices[1:], journal=Journal(files))
+        session = self.session(fs, device=devices[0], clones=devices[1:], journal=Journal(files[:2], keeper=files[2]))
         session.restarts = restarts
         status = serve(session, ready_fd, PROG, on_ready=_on_ready)
         return successor.EXIT_HANDED_OVER if session.handed_over else status

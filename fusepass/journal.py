@@ -5,6 +5,12 @@ again, identically, without a reply), the node ids it has looked up with their l
 and what each names (opaque bytes the filesystem gives: the mirror's file handle), the open
 file and directory handles, and the backing ids registered on the connection.
 
+One thing no record can keep: a file that loses its last name while it is open through the mount
+(unlinked, renamed over, or made with O_TMPFILE) lives only as long as a descriptor of it, and a
+server's descriptors die with it. The server gives one to the supervisor first (``keep``: over a
+socket, SCM_RIGHTS, held by a ``Keeper``), and lets it go once the file's last open is released:
+the successor finds the file by its handle again, because the supervisor's descriptor keeps it alive.
+
 It lives in two files (memory files the supervisor holds, so they outlive any server) as
 records appended one ``pwrite`` each, every record with its length and a CRC, so that a write
 torn by a kill is recognised and ignored (a record is written before the reply that depends on
@@ -16,6 +22,7 @@ generation number) is written last: the file with the highest valid generation i
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import threading
 import zlib
@@ -35,7 +42,8 @@ _ID = struct.Struct("<Q")
 _COUNTED = struct.Struct("<QQQ")  # the request's unique, nodeid, n
 _APPEND = struct.Struct("<QQ")  # the request's unique, the file's size before its O_APPEND write
 
-INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED, APPEND = range(1, 13)
+(INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED, APPEND, KEPT,
+ UNKEPT) = range(1, 15)
 #: Changes begun that are remembered (the kernel's uniques never repeat: only the latest matter).
 KEEP_INTENTS = 4096
 #: The log is compacted when it is this many times the size of the live state (and at least MIN_COMPACT).
@@ -61,6 +69,8 @@ class State:
     counted: OrderedDict[int, list[tuple[int, int]]] = field(default_factory=OrderedDict)
     #: Where recent O_APPEND writes began (by unique, without the resend bit): a resent one may be made.
     appends: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    #: Nodes whose file the supervisor holds a descriptor of (``Journal.keep``).
+    kept: set[int] = field(default_factory=set)
 
     def apply(self, kind: int, payload: bytes) -> None:
         if kind == NODE:
@@ -106,6 +116,10 @@ class State:
             self.appends[unique] = size
             if len(self.appends) > KEEP_INTENTS:
                 self.appends.popitem(last=False)
+        elif kind == KEPT:
+            self.kept.add(_ID.unpack(payload)[0])
+        elif kind == UNKEPT:
+            self.kept.discard(_ID.unpack(payload)[0])
         elif kind == INIT:
             self.init = payload
 
@@ -130,6 +144,7 @@ class State:
         out += [(COUNTED, _COUNTED.pack(unique, nodeid, n)) for unique, items in self.counted.items()
                 for nodeid, n in items]
         out += [(APPEND, _APPEND.pack(unique, size)) for unique, size in self.appends.items()]
+        out += [(KEPT, _ID.pack(nodeid)) for nodeid in self.kept]
         return out
 
 
@@ -163,15 +178,17 @@ def _read(fd: int) -> tuple[int, State, int]:
 
 
 class Journal:
-    """The state of one connection, on the two files ``fds`` (memfds the supervisor holds).
+    """The state of one connection, on the two files ``fds`` (memfds the supervisor holds);
+    ``keeper``: the server's end of the supervisor's ``Keeper`` socket (-1: none).
 
     ``Journal(fds)`` reads what a predecessor left (``state``; empty on a fresh mount), then
     writes it again as a snapshot, so that every server starts with a short log. Every method
     that records is thread-safe and makes one ``pwrite``.
     """
 
-    def __init__(self, fds: tuple[int, int]) -> None:
+    def __init__(self, fds: tuple[int, int], keeper: int = -1) -> None:
         self.fds = fds
+        self._keeper = socket.socket(fileno=keeper) if keeper >= 0 else None
         self._lock = threading.Lock()
         self._serving = threading.local()  # .unique: the request this thread serves (``serving``)
         found = [_read(fd) for fd in fds]
@@ -242,6 +259,20 @@ class Journal:
         """A change (a creation, removal, rename) is about to be made for request ``unique``."""
         self._append(INTENT, _ID.pack(unique))
 
+    def keep(self, nodeid: int, fd: int) -> None:
+        """Give the supervisor a descriptor of node ``nodeid``'s file, which is about to lose its last
+        name while open: it then outlives this server (recorded first: a successor may let go of one
+        never given, which does nothing, but never forgets one it holds)."""
+        self._append(KEPT, _ID.pack(nodeid))
+        if self._keeper is not None:
+            socket.send_fds(self._keeper, [b"K" + _ID.pack(nodeid)], [fd])
+
+    def let_go(self, nodeid: int) -> None:
+        """The supervisor may close what it holds of node ``nodeid`` (its last open was released)."""
+        self._append(UNKEPT, _ID.pack(nodeid))
+        if self._keeper is not None:
+            self._keeper.send(b"D" + _ID.pack(nodeid))
+
     def appending(self, unique: int, size: int) -> None:
         """Request ``unique`` (resend bit dropped) is about to append to a file now ``size`` bytes long."""
         self._append(APPEND, _APPEND.pack(unique & ~RESEND_BIT, size))
@@ -294,3 +325,44 @@ class Journal:
 def create_files() -> tuple[int, int]:
     """Two empty memory files for a new connection's journal (inherited by the servers forked)."""
     return (os.memfd_create("fusepass-journal-0", 0), os.memfd_create("fusepass-journal-1", 0))
+
+
+class Keeper:
+    """The supervisor's side of ``Journal.keep``: the descriptors servers give it, by node, each
+    held until a server lets it go. A descriptor in flight is safe too: the socket's queue holds it
+    (so a server never waits for the supervisor), and ``take`` collects what has come."""
+
+    def __init__(self) -> None:
+        self._socket, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._socket.setblocking(False)
+        #: The servers' end (each server inherits it; the supervisor keeps it open for the next one).
+        self.server_fd = server.detach()
+        self.held: dict[int, int] = {}  # nodeid -> descriptor
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def take(self) -> None:
+        """Collect every message queued: keep what is given, close what is let go."""
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._socket, 16, 1, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            nodeid = _ID.unpack_from(message, 1)[0] if len(message) == 1 + _ID.size else None
+            if message[:1] == b"K" and nodeid is not None and fds:
+                old = self.held.pop(nodeid, None)
+                self.held[nodeid] = fds.pop()
+                if old is not None:
+                    os.close(old)
+            elif message[:1] == b"D" and nodeid is not None and nodeid in self.held:
+                os.close(self.held.pop(nodeid))
+            for fd in fds:  # nothing else comes with a descriptor
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close what it holds and its end (the servers' end stays: in a forked server, this drops the
+        supervisor's copies)."""
+        for fd in self.held.values():
+            os.close(fd)
+        self._socket.close()

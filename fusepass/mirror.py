@@ -68,8 +68,8 @@ _REOPEN_DROP = _OPEN_DROP | os.O_TRUNC | os.O_TMPFILE
 #: directly show through the mount within this time; with one, the kernel keeps what it has until told.
 SHORT_TIMEOUT = 1.0
 LONG_TIMEOUT = 86400.0
-
-
+#: Rename flags under which a file at the new name keeps that name (or gets the old one).
+_TARGET_STAYS = int(abi.RenameFlag.NOREPLACE | abi.RenameFlag.EXCHANGE)
 
 
 def _proc(fd: int) -> bytes:
@@ -93,6 +93,8 @@ class Inode:
     #: The last few processes that opened it through the mount in passthrough: its backing file is
     #: closed by the caller's own process, and the watcher sees that pid.
     openers: tuple[int, ...] = ()
+    opens: int = 0  # open files (the kernel's file handles) of it
+    kept: bool = False  # the supervisor holds a descriptor of it (``Journal.keep``)
 
 
 class _DirHandle:
@@ -298,6 +300,13 @@ class Mirror(Operations):
                         log.debug("a directory of the predecessor is gone: %s", e)
         for fh, (nodeid, flags, _) in state.files.items():
             self._reopen(fh, nodeid, flags)
+        assert self.journal is not None
+        for nodeid in state.kept:
+            held = self._inodes.get(nodeid)
+            if held is not None and held.opens:
+                held.kept = True
+            else:
+                self.journal.let_go(nodeid)
         for fh, (nodeid, _) in state.dirs.items():
             try:
                 with self._pinned(nodeid) as pfd:
@@ -346,6 +355,7 @@ class Mirror(Operations):
         assert inode is not None
         with self._lock:
             self._files[fh] = inode
+            inode.opens += 1
 
     # --- the inode table ---------------------------------------------------------------
 
@@ -728,6 +738,7 @@ class Mirror(Operations):
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         _check_name(name)
         with self._pinned(parent) as pfd:
+            self._keep_if_last_name(pfd, name)
             os.unlink(name, dir_fd=pfd)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -738,10 +749,34 @@ class Mirror(Operations):
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
         _check_name(name)
         with self._create_in(ctx, newparent, newname) as newfd, self._pinned(parent) as oldfd:
+            if not flags & _TARGET_STAYS:
+                self._keep_if_last_name(newfd, newname)
             if flags:
                 syscalls.renameat2(oldfd, name, newfd, newname, flags)
             else:
                 os.rename(name, newname, src_dir_fd=oldfd, dst_dir_fd=newfd)
+
+    def _keep_if_last_name(self, dirfd: int, name: bytes) -> None:
+        """Under a supervisor, a file open through the mount that is about to lose its last name
+        (``name`` in ``dirfd``) is given to the supervisor first: a successor can then reopen it."""
+        if self.journal is None or not self._files:
+            return
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            return  # the unlink or rename will say why
+        if st.st_nlink == 1 and not stat.S_ISDIR(st.st_mode):
+            inode = self._by_key.get((st.st_dev, st.st_ino))
+            if inode is not None:
+                self._keep(inode)
+
+    def _keep(self, inode: Inode) -> None:
+        """``Journal.keep`` an open file's inode, once (under the lock: ``release`` lets it go)."""
+        assert self.journal is not None
+        with self._lock:
+            if inode.opens and not inode.kept and inode.fd >= 0:  # open files are pinned: fd is there
+                self.journal.keep(inode.nodeid, inode.fd)
+                inode.kept = True
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -759,6 +794,7 @@ class Mirror(Operations):
             self.journal.opened(fd, inode.nodeid, flags, ctx.unique)
         with self._lock:
             self._files[fd] = inode
+            inode.opens += 1
             if self.passthrough and not serve and ctx.pid not in inode.openers:
                 inode.openers = (ctx.pid, *inode.openers[:3])
         # Watched, a served file's cached pages stay true across opens (the watcher drops them when
@@ -815,7 +851,10 @@ class Mirror(Operations):
                 os.close(fd)
                 raise
             inode, st = self._remember(path_fd, st, pin=True)
-        return self._entry(inode, st), self._opened(ctx, fd, inode, flags, st.st_mode)
+        entry, opened = self._entry(inode, st), self._opened(ctx, fd, inode, flags, st.st_mode)
+        if self.journal is not None:
+            self._keep(inode)  # it never had a name
+        return entry, opened
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> memoryview:
         buf = ctx.buffer(size)
@@ -855,6 +894,12 @@ class Mirror(Operations):
             inode = self._files.pop(fh, None)
             placeholder = fh in self._placeholders
             self._placeholders.discard(fh)
+            if inode is not None:
+                inode.opens -= 1
+                if inode.kept and not inode.opens:
+                    assert self.journal is not None
+                    self.journal.let_go(inode.nodeid)
+                    inode.kept = False
         if self.journal is not None:
             self.journal.released(fh)
         if inode is None and not placeholder:

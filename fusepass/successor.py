@@ -11,7 +11,7 @@ options (``spec``: one JSON object), then, when the connection is its, the resta
 (``Restarts`` as a JSON object; the end of the pipe instead: give up, touching nothing). From
 the server: ``prepared`` (or why it cannot start), then ``ready`` (or why it failed).
 
-``python -P -m fusepass.successor --devices FD,... --journal FD,FD --inbox FD --report FD`` is the
+``python -P -m fusepass.successor --devices FD,... --journal FD,FD,FD --inbox FD --report FD`` is the
 server a supervisor executes (the descriptors are inherited); a forked one calls ``run``.
 """
 
@@ -38,7 +38,7 @@ EXIT_HANDED_OVER = 75
 EXIT_NOT_STARTED = 76
 
 
-def run(prepare: Prepare, devices: list[Device], files: tuple[int, int], inbox: int, report: int) -> int:
+def run(prepare: Prepare, devices: list[Device], files: tuple[int, int, int], inbox: int, report: int) -> int:
     """Both steps, in a server process; returns its exit status."""
     from .supervisor import Restarts
 
@@ -58,13 +58,13 @@ def run(prepare: Prepare, devices: list[Device], files: tuple[int, int], inbox: 
     return server(devices, files, restarts, report)
 
 
-def command(devices: list[Device], files: tuple[int, int], inbox: int, report: int) -> list[str]:
+def command(devices: list[Device], files: tuple[int, int, int], inbox: int, report: int) -> list[str]:
     """The command line of an executed successor (the descriptors must be inheritable)."""
     import sys
 
     # -P: not the supervisor's working directory first on sys.path, but what is installed.
     return [sys.executable, "-P", "-m", "fusepass.successor", "--devices", ",".join(str(d.fd) for d in devices),
-            "--journal", f"{files[0]},{files[1]}", "--inbox", str(inbox), "--report", str(report)]
+            "--journal", ",".join(map(str, files)), "--inbox", str(inbox), "--report", str(report)]
 
 
 def _say(fd: int, line: str) -> None:
@@ -90,8 +90,9 @@ def main() -> None:
             traceback.print_exc()
             _say(args.report, f"the new code cannot be imported: {e!r}")
             return
-        a, b = args.journal
-        status = run(prepare_supervised, [Device(fd) for fd in args.devices], (a, b), args.inbox, args.report)
+        a, b, keeper = args.journal
+        status = run(prepare_supervised, [Device(fd) for fd in args.devices], (a, b, keeper), args.inbox,
+                     args.report)
     finally:
         # Never run interpreter shutdown: nothing this process holds may be released on its way out
         # (the connection, and the backing ids registered on it, are the supervisor's and a successor's).

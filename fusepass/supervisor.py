@@ -81,9 +81,10 @@ class Restarts:
         }
 
 
-#: Runs one server in the child: (the connection's descriptors, the journal's files, the restarts
-#: so far, the descriptor to write b"ready\n" or an error to) -> exit status.
-ServerMain = Callable[[list[Device], tuple[int, int], Restarts, int], int]
+#: Runs one server in the child: (the connection's descriptors, the journal's two files and the
+#: keeper's socket (``journal.Keeper``), the restarts so far, the descriptor to write b"ready\n" or
+#: an error to) -> exit status.
+ServerMain = Callable[[list[Device], tuple[int, int, int], Restarts, int], int]
 
 #: Sent to a server to have it hand its connection over (``Session.hand_over``) and exit.
 HAND_OVER_SIGNAL = signal.SIGUSR2
@@ -109,8 +110,9 @@ def describe_exit(status: int) -> str:
 class _Child:
     """A server being started or serving, and the two pipes to it (``fusepass.successor``)."""
 
-    def __init__(self, pid: int, inbox: int, report: int) -> None:
+    def __init__(self, pid: int, inbox: int, report: int, keeper: journalmod.Keeper) -> None:
         self.pid = pid
+        self._keeper = keeper
         self._inbox: int | None = inbox
         self._report = report
         self._buffer = b""
@@ -124,12 +126,19 @@ class _Child:
                 pass
 
     def line(self, timeout: float) -> str:
-        """The server's next line: "" if it ended its pipe, "timed out" after ``timeout`` seconds."""
+        """The server's next line: "" if it ended its pipe, "timed out" after ``timeout`` seconds
+        (what servers give the keeper meanwhile is taken)."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._report], [], [], left)[0]:
+            keeper = self._keeper.fileno()
+            ready = select.select([self._report, keeper], [], [], left)[0] if left > 0 else []
+            if keeper in ready:
+                self._keeper.take()
+            if not ready:
                 return "timed out"
+            if self._report not in ready:
+                continue
             chunk = os.read(self._report, 4096)
             if not chunk:
                 return self._buffer.decode(errors="replace").strip()
@@ -168,7 +177,8 @@ class Supervisor:
         self.child: _Child | None = None
         self.restarts = Restarts(os.getpid())
         self.devices: list[Device] = []
-        self.files: tuple[int, int] = (-1, -1)
+        self.files: tuple[int, int, int] = (-1, -1, -1)  # the journal's, and the keeper's socket
+        self.keeper = journalmod.Keeper()
         #: After a restart on request, successors run the code on disk (executed), not the supervisor's.
         self.exec_successors = False
         self._listener: socket.socket | None = None
@@ -194,7 +204,7 @@ class Supervisor:
             self.devices += [mount.device.clone() for _ in range(int(self.spec["threads"]) - 1)]
         except OSError as e:
             log.warning("FUSE_DEV_IOC_CLONE failed (%s); serving with %d worker(s)", e, len(self.devices))
-        self.files = journalmod.create_files()
+        self.files = (*journalmod.create_files(), self.keeper.server_fd)
         if self.connection is not None:
             try:
                 self._listener = control.listen(control.supervisor_socket_path(self.connection))
@@ -281,6 +291,7 @@ class Supervisor:
                 for sock in (self._listener, self._asking):
                     if sock is not None:
                         sock.close()
+                self.keeper.close()
                 for fd in (inbox_w, report_r, ready_fd):
                     if fd is not None:
                         os.close(fd)
@@ -299,7 +310,7 @@ class Supervisor:
                 os._exit(status)
         os.close(inbox_r)
         os.close(report_w)
-        child = _Child(pid, inbox_w, report_r)
+        child = _Child(pid, inbox_w, report_r, self.keeper)
         child.send(spec)
         return child
 
@@ -314,10 +325,14 @@ class Supervisor:
             hung = None
             pidfd = os.pidfd_open(pid)
             try:
-                watched = [pidfd] + ([self._listener] if self._listener is not None else [])
+                watched: list[Any] = [pidfd, self.keeper]
+                if self._listener is not None:
+                    watched.append(self._listener)
                 while True:
                     ready = select.select(watched, [], [], None if stall is None or deadline is None
                                           else deadline / 4)[0]
+                    if self.keeper in ready:
+                        self.keeper.take()
                     if pidfd in ready:
                         break
                     if self._listener is not None and self._listener in ready:

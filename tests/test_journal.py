@@ -13,7 +13,7 @@ import pytest
 from fakekernel import FakeKernel
 
 from fusepass import abi
-from fusepass.journal import MIN_COMPACT, Journal, create_files
+from fusepass.journal import MIN_COMPACT, Journal, Keeper, create_files
 from fusepass.mirror import Mirror
 
 pytestmark = pytest.mark.timeout(30)
@@ -69,6 +69,30 @@ def test_a_long_log_is_compacted_and_the_newest_snapshot_wins(files: tuple[int, 
     assert j.generation > generation
     assert j.size < MIN_COMPACT
     assert Journal(files).state.nodes == {5: (1, b"five")}
+
+
+def test_the_keeper_holds_what_a_server_gives_until_it_is_let_go(files: tuple[int, int], tmp_path: Path) -> None:
+    """A descriptor given is the keeper's even after the giver closed its own (and before the keeper
+    took it from the socket); the journal says which nodes are kept, across a compaction too."""
+    keeper = Keeper()
+    j = Journal(files, keeper=os.dup(keeper.server_fd))
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR, 0o600)
+    os.write(fd, b"kept")
+    j.keep(5, fd)
+    os.close(fd)
+    os.unlink(tmp_path / "f")  # no name, no descriptor in the giver: only the one in flight
+    directory = os.open(tmp_path, os.O_RDONLY)
+    j.keep(6, directory)
+    os.close(directory)
+    keeper.take()
+    assert sorted(keeper.held) == [5, 6]
+    assert os.pread(keeper.held[5], 4, 0) == b"kept"
+    j.let_go(6)
+    keeper.take()
+    assert sorted(keeper.held) == [5]
+    j._compact()
+    assert Journal(files).state.kept == {5}
+    keeper.close()
 
 
 def lookup_body(name: bytes) -> bytes:

@@ -289,6 +289,43 @@ def test_nothing_leaks_across_restarts(supervised: Supervised) -> None:
     assert supervised.status()["restarts"]["count"] == 2
 
 
+@pytest.mark.parametrize("loses_its_name", ["unlinked", "renamed over", "O_TMPFILE"])
+def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, loses_its_name: str) -> None:
+    """A file open through the mount that has no name left lives only as long as a descriptor of
+    it: the supervisor holds one (a dead server's are gone), so the successor reopens it and serves
+    it on, after a crash and after a restart; at its last close the supervisor lets it go."""
+    mnt = supervised.mnt
+    supervisor_fds = supervised.supervisor_fds()
+    if loses_its_name == "O_TMPFILE":
+        try:
+            fd = os.open(mnt, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError as e:
+            pytest.skip(f"no O_TMPFILE through FUSE here: {e}")
+    else:
+        fd = os.open(mnt / "f", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"written first")
+        if loses_its_name == "unlinked":
+            os.unlink(mnt / "f")
+        elif loses_its_name == "renamed over":
+            (mnt / "g").write_bytes(b"")
+            os.rename(mnt / "g", mnt / "f")
+        poll_until(supervised.supervisor_fds, lambda n: n == supervisor_fds + 1, "the supervisor holds the file")
+        supervised.kill_server()
+        assert os.pread(fd, 64, 0) == b"written first"
+        os.pwrite(fd, b", then after a crash", 13)
+        os.fsync(fd)
+        supervised.restart()
+        os.pwrite(fd, b", then after a restart", 33)
+        os.fsync(fd)
+        assert os.fstat(fd).st_size == 55
+        assert os.pread(fd, 64, 0) == b"written first, then after a crash, then after a restart"
+        assert os.listdir(supervised.source) == (["f"] if loses_its_name == "renamed over" else [])
+    finally:
+        os.close(fd)
+    poll_until(supervised.supervisor_fds, lambda n: n == supervisor_fds, "the supervisor lets the file go")
+
+
 def test_changes_made_while_no_server_watched_are_seen(supervised: Supervised) -> None:
     """The kernel caches names and attributes for a day while the source is watched; what changes
     between one server's end and the next one's marks must not stay hidden behind those caches."""

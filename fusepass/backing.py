@@ -11,6 +11,7 @@ all its opens, with the reason recorded.
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from .device import BackingDevice, BackingError, BackingId
 
 if TYPE_CHECKING:
     from .journal import Journal
+
+log = logging.getLogger("fusepass")
 
 
 @dataclass(slots=True)
@@ -107,11 +110,24 @@ class BackingRegistry:
                     self.journal.unbacked(ino)
                 _close(backing)
 
-    def restore(self, backing: Mapping[int, int], opens: Mapping[int, int]) -> None:
+    def restore(self, backing: Mapping[int, int], opens: Mapping[int, int], highest: int = 0) -> None:
         """Take over a predecessor's registrations (``backing``: inode -> backing id) and how many
-        opens of each inode the kernel holds. An inode open without an id stays served."""
+        opens of each inode the kernel holds. An inode open without an id stays served.
+
+        ``highest``: the highest id the predecessor recorded. It may have been killed between
+        registering a file and recording its id; the kernel hands ids out in turn (the next free
+        one after the last, ``idr_alloc_cyclic``) and registrations are made one at a time, so such
+        an id can only be the one after ``highest``: closed here (if it was never registered,
+        the kernel says ENOENT and nothing happens), or it would stay registered until unmount."""
         if self.device is None:
             return
+        if highest and highest + 1 not in backing.values():
+            try:
+                self.device.backing_close(highest + 1)
+                log.warning("closed backing id %d, registered by the previous server just before it died",
+                            highest + 1)
+            except BackingError:
+                pass
         with self._lock:
             for ino, count in opens.items():
                 backing_id = backing.get(ino)

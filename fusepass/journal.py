@@ -43,7 +43,7 @@ _COUNTED = struct.Struct("<QQQ")  # the request's unique, nodeid, n
 _APPEND = struct.Struct("<QQ")  # the request's unique, the file's size before its O_APPEND write
 
 (INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED, APPEND, KEPT,
- UNKEPT) = range(1, 15)
+ UNKEPT, MAX_BACKING) = range(1, 16)
 #: Changes begun that are remembered (the kernel's uniques never repeat: only the latest matter).
 KEEP_INTENTS = 4096
 #: The log is compacted when it is this many times the size of the live state (and at least MIN_COMPACT).
@@ -61,6 +61,7 @@ class State:
     dirs: dict[int, tuple[int, int]] = field(default_factory=dict)  # fh -> (nodeid, unique)
     backing: dict[int, int] = field(default_factory=dict)  # nodeid -> backing id
     max_nodeid: int = 0  # the highest node id ever handed out: never reused
+    max_backing: int = 0  # the highest backing id ever recorded (``Journal.unrecorded_backing``)
     #: Requests (by unique, without the resend bit) whose change was begun: if one comes again,
     #: resent, its change may have been made already.
     intents: OrderedDict[int, None] = field(default_factory=OrderedDict)
@@ -98,6 +99,9 @@ class State:
         elif kind == BACKING:
             nodeid, backing_id = _BACKING.unpack(payload)
             self.backing[nodeid] = backing_id
+            self.max_backing = max(self.max_backing, backing_id)
+        elif kind == MAX_BACKING:
+            self.max_backing = max(self.max_backing, _ID.unpack(payload)[0])
         elif kind == UNBACKED:
             self.backing.pop(_ID.unpack(payload)[0], None)
         elif kind == INTENT:
@@ -132,6 +136,7 @@ class State:
         # survives as a node of no lookups, which replaying drops again.
         out.append((NODE, _NODE.pack(self.max_nodeid, 0)))
         out.append((FORGET, _COUNT.pack(self.max_nodeid, 0)))
+        out.append((MAX_BACKING, _ID.pack(self.max_backing)))
         for nodeid, (lookups, identity) in self.nodes.items():
             out.append((NODE, _NODE.pack(nodeid, lookups) + identity))
         for fh, (nodeid, flags, unique) in self.files.items():

@@ -324,7 +324,8 @@ class Session:
             return False
         self.dispatcher.resume(state.init)
         self.fs.restore(state)
-        self.registry.restore(state.backing, Counter(nodeid for nodeid, _, _ in state.files.values()))
+        self.registry.restore(state.backing, Counter(nodeid for nodeid, _, _ in state.files.values()),
+                              state.max_backing)
         self._initialized()
         return True
 

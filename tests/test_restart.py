@@ -6,6 +6,8 @@ nothing."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import random
@@ -21,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ServerProcess, fusepass_cli, mirror_argv, poll_until, stop_background
+from conftest import REPO, ServerProcess, fusepass_cli, mirror_argv, poll_until, server_script, stop_background
 
 from fusepass import control
 from fusepass.cli import wait_for_exit
+from fusepass.device import BackingError, Device
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -324,6 +327,58 @@ def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, 
     finally:
         os.close(fd)
     poll_until(supervised.supervisor_fds, lambda n: n == supervisor_fds, "the supervisor lets the file go")
+
+
+def registered_backing_ids(supervisor_pid: int, candidates: range) -> list[int]:
+    """The ids among ``candidates`` registered on the connection, found by closing them through the
+    supervisor's /dev/fuse descriptor (taken with pidfd_getfd): only for a mount with none in use."""
+    fd_dir = f"/proc/{supervisor_pid}/fd"
+    number = next(int(n) for n in os.listdir(fd_dir) if os.readlink(f"{fd_dir}/{n}") == "/dev/fuse")
+    pidfd = os.pidfd_open(supervisor_pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(438, pidfd, number, 0)  # pidfd_getfd
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(pidfd)
+    closed = []
+    try:
+        for backing_id in candidates:
+            try:
+                Device(fd).backing_close(backing_id)
+                closed.append(backing_id)
+            except BackingError as e:
+                assert e.errno == errno.ENOENT, e
+    finally:
+        os.close(fd)
+    return closed
+
+
+def test_a_backing_id_registered_by_a_server_killed_before_recording_it_is_closed(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """The one instant the journal cannot cover: the kernel registered a backing file and the server
+    died before recording its id. The successor closes it (else it stays registered until unmount)."""
+    src, marker = tmp_path / "src", tmp_path / "die"
+    src.mkdir()
+    (src / "f").write_bytes(b"first")
+    (src / "g").write_bytes(b"second")
+    server = start_server(server_script("dies_registering", str(marker), "mount", "--foreground", "--supervise",
+                                        "--passthrough", "on", str(src)))
+    s = Supervised(server, src)
+    try:
+        assert (s.mnt / "f").read_bytes() == b"first"  # an id registered and recorded
+        marker.write_bytes(b"")
+        old = s.server_pid()
+        assert (s.mnt / "g").read_bytes() == b"second"  # registered, the server killed, the OPEN resent
+        assert not marker.exists()
+        s.pids.add(poll_until(s.server_pid, lambda pid: pid not in (None, old), "the successor answers status"))
+        assert s.status()["restarts"]["last_cause"] == "killed by SIGKILL"
+        poll_until(lambda: s.status()["passthrough"]["backing_ids"], lambda n: n == 0,
+                   "every release reached the server")
+        assert server.proc is not None
+        assert registered_backing_ids(server.proc.pid, range(1, 17)) == []
+    finally:
+        s.cleanup()
 
 
 def test_changes_made_while_no_server_watched_are_seen(supervised: Supervised) -> None:

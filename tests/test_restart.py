@@ -329,6 +329,47 @@ def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, 
     poll_until(supervised.supervisor_fds, lambda n: n == supervisor_fds, "the supervisor lets the file go")
 
 
+def test_a_shared_writable_mapping_outlives_its_server(supervised: Supervised) -> None:
+    """Pages written through a MAP_SHARED mapping before, between and after two server deaths are
+    all stored once msync returns (served: written back through the successor's reopened file)."""
+    pages = 8
+    path = supervised.mnt / "mapped"
+    path.write_bytes(bytes(pages * mmap.PAGESIZE))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        for round_ in range(3):
+            for page in range(round_, pages, 3):
+                m[page * mmap.PAGESIZE : page * mmap.PAGESIZE + 6] = b"page%02d" % page
+            if round_ == 1:
+                m.flush()  # these pages written back before the kill, the others after one
+            if round_ < 2:
+                supervised.kill_server()
+        m.flush()
+        os.fsync(f.fileno())
+    stored = (supervised.source / "mapped").read_bytes()
+    for page in range(pages):
+        assert stored[page * mmap.PAGESIZE : page * mmap.PAGESIZE + 6] == b"page%02d" % page, page
+    assert stored.count(0) == pages * (mmap.PAGESIZE - 6)
+
+
+def test_the_kernel_ends_a_connection_left_unanswered_past_its_request_timeout(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """``--request-timeout``, the last line of defence (negotiated at INIT): a server that stops
+    answering, with no supervisor to replace it, has its connection aborted by the kernel; the
+    waiting caller gets ECONNABORTED instead of waiting for ever (the kernel looks every 15 s)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    server = start_server(mirror_argv(src, "--request-timeout", "1"))
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)  # the fixture's teardown kills it
+    began = time.monotonic()
+    caller = subprocess.run([sys.executable, "-c", "import os, sys\ntry:\n os.stat(sys.argv[1])\n"
+                             "except OSError as e:\n print(e.errno)", str(server.mountpoint / "x")],
+                            capture_output=True, text=True, timeout=90, check=False)
+    waited = time.monotonic() - began
+    assert caller.stdout.strip() == str(errno.ECONNABORTED), (caller.stdout, caller.stderr)
+    assert 1 <= waited < 1 + 2 * 15 + 10, waited
+
+
 def registered_backing_ids(supervisor_pid: int, candidates: range) -> list[int]:
     """The ids among ``candidates`` registered on the connection, found by closing them through the
     supervisor's /dev/fuse descriptor (taken with pidfd_getfd): only for a mount with none in use."""

@@ -1063,6 +1063,8 @@ class Mirror(Operations):
                 "files": len(self._files),
                 "dirs": len(self._dirs),
                 "inodes": len(self._inodes),
+                #: Open files without a name whose descriptor the supervisor holds (``_keep``).
+                "kept_by_supervisor": sum(1 for i in self._inodes.values() if i.kept),
             }
 
 

@@ -315,6 +315,7 @@ def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, 
             os.rename(mnt / "g", mnt / "f")
         poll_until(supervised.supervisor_fds, lambda n: n == supervisor_fds + 1, "the supervisor holds the file")
         supervised.kill_server()
+        assert supervised.status()["filesystem"]["descriptors"]["kept_by_supervisor"] == 1
         assert os.pread(fd, 64, 0) == b"written first"
         os.pwrite(fd, b", then after a crash", 13)
         os.fsync(fd)
@@ -327,6 +328,7 @@ def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, 
     finally:
         os.close(fd)
     poll_until(supervised.supervisor_fds, lambda n: n == supervisor_fds, "the supervisor lets the file go")
+    assert supervised.status()["filesystem"]["descriptors"]["kept_by_supervisor"] == 0
 
 
 def test_a_shared_writable_mapping_outlives_its_server(supervised: Supervised) -> None:

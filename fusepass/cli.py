@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "source is watched for changes, else 1), nowatch (do not watch the source: short "
                         "caches), max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2, "
                         "io_uring (take requests through FUSE over io_uring where the kernel allows; status "
-                        "says why not), io_uring_depth=N (ring entries per CPU, default 2)")
+                        "says why not), io_uring_depth=N (ring entries per CPU, default 1)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
     m.add_argument("--supervise", action="store_true",
                    help="keep the mount in a supervisor process that starts a new server when the server dies "

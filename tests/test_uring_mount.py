@@ -163,7 +163,7 @@ def test_closing_an_in_process_session_leaves_no_ring_thread_or_mapping(enable_u
 def test_abort_ends_the_rings_and_the_server(enable_uring, start_server):
     server = start_server(python_module("fusepass.examples.memfs", "-o", "io_uring"))
     (server.mountpoint / "f").touch()
-    assert ring_descriptors(server.proc.pid) == 2 * QUEUES
+    assert ring_descriptors(server.proc.pid) == uring_transport.DEFAULT_DEPTH * QUEUES
     assert server.connection is not None and mountmod.abort_connection(server.connection)
     assert server.proc.wait(20) == 0
     assert not server.mounted()  # the server unmounts the aborted mount point on its way out

@@ -90,7 +90,7 @@ class Session:
     kernel and the process allow it, else through /dev/fuse, with the reason in
     ``io_uring_why_not`` (default: on if the environment variable FUSEPASS_IO_URING is 1 or ``require``;
     with ``require`` a session left to that default fails instead of falling back).
-    ``io_uring_depth``: ring entries per queue (default: 1, each with its own thread; for ``async def``
+    ``io_uring_depth``: ring entries per queue (default: 2, each with its own thread; for ``async def``
     handlers 1024 on one thread per queue, at most ``max_in_flight``). INIT, FORGET, INTERRUPT and
     notifications use /dev/fuse in any case (one worker there while the ring serves).
     """

@@ -8,12 +8,14 @@ request to the queue of the CPU its caller runs on; FORGET, INTERRUPT and notifi
 payload size) and a payload buffer for the other arguments; the reply goes back the same way.
 
 For a filesystem of plain handlers each entry has a thread and a ring of its own (rings are
-single-issuer); ``depth`` entries per queue bound the requests served at once per CPU. One by
-default: a request that comes while its CPU's entry is busy (the RELEASE the kernel sends in the
-background before the caller's next LOOKUP, say) waits in the kernel and is fetched by the same
-thread's COMMIT_AND_FETCH, where a second entry would wake a second thread to fight the first
-for the GIL, which costs more than the wait. A filesystem whose handlers block (a lock wait, a
-slow source) wants more, so that a blocked request holds up its own entry only.
+single-issuer), so a handler that blocks (a lock wait, a slow source) holds up its own entry
+only, as a /dev/fuse worker does; ``depth`` entries per queue bound the requests served at once
+per CPU. One entry per queue is faster where handlers never wait for one another: a request that
+comes while its CPU's entry is busy (the RELEASE the kernel sends in the background before the
+caller's next LOOKUP, say) waits in the kernel and the same thread's COMMIT_AND_FETCH fetches it,
+where a second entry wakes a second thread to contend with the first for the GIL, which costs
+more than the wait. But a request that waits for another (an interrupt, a lock) would then hold
+up every caller on its CPU, hence two by default.
 
 For a filesystem with ``async def`` handlers, one thread per queue serves all of the queue's
 entries: a coroutine's request keeps its entry until the coroutine ends, when the event loop
@@ -46,7 +48,7 @@ from .uring import Ring
 
 log = logging.getLogger("fusepass")
 
-DEFAULT_DEPTH = 1  # see the module's docstring: a second entry per queue costs more than it serves
+DEFAULT_DEPTH = 2
 #: For coroutine handlers: entries per queue (at most ``max_in_flight``). Each entry's buffer is
 #: address space more than memory: only the pages a request or reply touches are ever resident.
 DEFAULT_ASYNC_DEPTH = 1024

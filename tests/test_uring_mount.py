@@ -112,6 +112,8 @@ def test_the_mirror_over_io_uring_passes_files_through(enable_uring, start_serve
     st = status(server)
     assert st["transport"]["kind"] == "io_uring"
     assert st["passthrough"]["negotiated"] and st["passthrough"]["opens"] >= 2
+    # One entry per queue for the mirror (its handlers never wait for one another); two elsewhere.
+    assert [q["entries"] for q in st["transport"]["queues"]] == [1] * QUEUES
 
 
 def test_with_enable_uring_off_the_mount_serves_through_dev_fuse_and_says_how_to_turn_it_on(

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.enable_uring import uring_parameter
 from bench.request_cost import Cheap
-from fusepass import Operations
+from fusepass import Operations, uring_transport
 from fusepass.session import Session
 
 TRANSPORTS = ("/dev/fuse", "io_uring")
@@ -107,7 +107,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--callers", default="1,2,4")
-    parser.add_argument("--depth", type=int, default=2, help="io_uring entries per queue")
+    parser.add_argument("--depth", type=int, default=uring_transport.DEFAULT_DEPTH, help="io_uring entries per queue")
     args = parser.parse_args()
     callers = [int(c) for c in args.callers.split(",")]
     results: dict[tuple[str, int], list[float]] = {}

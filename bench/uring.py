@@ -55,15 +55,17 @@ class Config:
     """One server in one transport: ``mounted`` yields the mount point once it answers, and checks
     that an io_uring configuration really serves through the ring."""
 
-    def __init__(self, server: str, ring: bool, hp_binary: str | None) -> None:
-        self.server, self.ring, self.hp_binary = server, ring, hp_binary
-        self.name = f"{server} {'io_uring' if ring else '/dev/fuse'}"
+    def __init__(self, server: str, ring: bool, hp_binary: str | None, extra: str = "") -> None:
+        self.server, self.ring, self.hp_binary, self.extra = server, ring, hp_binary, extra
+        self.name = f"{server} {'io_uring' if ring else '/dev/fuse'}" + (f" {extra}" if extra else "")
 
     @contextlib.contextmanager
     def mounted(self, source: str, mnt: str, logfile: str) -> Iterator[str]:
         target: targets.Target
         if self.server == "fusepass":
-            target = targets.Fusepass("off", None, "timeout=0" + (",io_uring" if self.ring else ",noio_uring"))
+            options = "timeout=0" + (",io_uring" if self.ring else ",noio_uring")
+            options += f",{self.extra}" if self.extra else ""
+            target = targets.Fusepass("off", None, options)
         else:
             assert self.hp_binary is not None
             command = [self.hp_binary, "--foreground", "--nocache", "--nopassthrough"]
@@ -93,9 +95,13 @@ def main() -> int:
     parser.add_argument("--passthrough-hp", default=_built_passthrough_hp(),
                         help="the passthrough_hp binary (default: one bench/.venv built with io_uring)")
     parser.add_argument("--workdir", default="/var/tmp/fusepass-bench-uring")
+    parser.add_argument("--fusepass-ring-variant", action="append", default=[], metavar="OPTIONS",
+                        help="one more fusepass io_uring configuration, with these -o options added "
+                             "(e.g. io_uring_depth=2: an old default beside the new, in the same run)")
     args = parser.parse_args()
     workloads = args.workloads.split(",")
     configs = [Config("fusepass", False, None), Config("fusepass", True, None)]
+    configs += [Config("fusepass", True, None, extra) for extra in args.fusepass_ring_variant]
     if args.passthrough_hp and os.path.exists(args.passthrough_hp):
         configs += [Config("passthrough_hp", False, args.passthrough_hp),
                     Config("passthrough_hp", True, args.passthrough_hp)]
@@ -263,6 +269,8 @@ def _table(configs: list[Config], workloads: list[str], results: dict[tuple[str,
     print(f"\nmedians over {rounds} rounds; ratios > 1 mean the first is faster")
     header = f"{'workload':<10}{'unit':>10}" + "".join(f"{n:>26}" for n in names)
     header += f"{'fp ring/dev':>13}{'hp ring/dev':>13}{'fp/hp dev':>11}{'fp/hp ring':>12}"
+    variants = [c for c in configs if c.extra]
+    header += "".join(f"{'fp ' + c.extra + ' ring/dev':>{len(c.extra) + 14}}" for c in variants)
     print(header)
     for w in workloads:
         m = {n: median(n, w) for n in names}
@@ -271,6 +279,7 @@ def _table(configs: list[Config], workloads: list[str], results: dict[tuple[str,
         hp_dev, hp_ring = m.get("passthrough_hp /dev/fuse"), m.get("passthrough_hp io_uring")
         line += f"{ratio(fp_ring, fp_dev, w):>13}{ratio(hp_ring, hp_dev, w):>13}"
         line += f"{ratio(fp_dev, hp_dev, w):>11}{ratio(fp_ring, hp_ring, w):>12}"
+        line += "".join(f"{ratio(m[c.name], fp_dev, w):>{len(c.extra) + 14}}" for c in variants)
         print(line)
 
 

@@ -25,7 +25,7 @@ from . import mount as mountmod
 from .audit import AuditLog
 from .device import Device
 from .journal import Journal
-from .mirror import Mirror, stacked_source
+from .mirror import IO_URING_DEPTH, Mirror, stacked_source
 from .mount import MountError, MountOptions
 from .negotiate import PASSTHROUGH_MODES
 from .policy import Policy, RuleError, parse_rules, rules_from_toml
@@ -150,7 +150,8 @@ class _Plan:
         io_uring = False if a.supervise else self.uring.enabled
         return Session(fs or self.make_fs(), self.mountpoint, self.options, threads=a.threads,
                        passthrough=a.passthrough, max_stack_depth=self.max_stack_depth, debug=a.debug,
-                       request_timeout=a.request_timeout, io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
+                       request_timeout=a.request_timeout, io_uring=io_uring,
+                       io_uring_depth=self.uring.depth or IO_URING_DEPTH, **kw)
 
     def supervised(self) -> ServerMain:
         """One server under the supervisor, its filesystem made now (before it has the connection:
@@ -694,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "source is watched for changes, else 1), nowatch (do not watch the source: short "
                         "caches), max_path_fds=N (cached descriptors, default 8192), max_stack_depth=1|2, "
                         "io_uring (take requests through FUSE over io_uring where the kernel allows; status "
-                        "says why not), io_uring_depth=N (ring entries per CPU, default 2)")
+                        "says why not), io_uring_depth=N (ring entries per CPU, default 1)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts")
     m.add_argument("--supervise", action="store_true",
                    help="keep the mount in a supervisor process that starts a new server when the server dies "

@@ -64,6 +64,11 @@ _DOTS = (b".", b"..")
 _IDENTITY = struct.Struct("<QQI")
 # Flags an open file is reopened with after a restart: without what creating or truncating asked.
 _REOPEN_DROP = _OPEN_DROP | os.O_TRUNC | os.O_TMPFILE
+#: Ring entries per io_uring queue unless ``-o io_uring_depth`` says otherwise: the mirror's handlers
+#: never wait for one another, so one entry, whose thread fetches a request that overlaps the last
+#: (a background RELEASE, the next LOOKUP) with its COMMIT_AND_FETCH instead of waking a second
+#: thread to contend for the GIL (issue 17: creates 10-20 % faster, untar 15-25 %).
+IO_URING_DEPTH = 1
 #: Cache timeouts (seconds) for names and attributes: without a watcher, changes made in the source
 #: directly show through the mount within this time; with one, the kernel keeps what it has until told.
 SHORT_TIMEOUT = 1.0

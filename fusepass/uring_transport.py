@@ -10,7 +10,14 @@ payload size) and a payload buffer for the other arguments; the reply goes back 
 For a filesystem of plain handlers each entry has a thread and a ring of its own (rings are
 single-issuer), so a handler that blocks (a lock wait, a slow source) holds up its own entry
 only, as a /dev/fuse worker does; ``depth`` entries per queue bound the requests served at once
-per CPU. For one with ``async def`` handlers, one thread per queue serves all of the queue's
+per CPU. One entry per queue is faster where handlers never wait for one another: a request that
+comes while its CPU's entry is busy (the RELEASE the kernel sends in the background before the
+caller's next LOOKUP, say) waits in the kernel and the same thread's COMMIT_AND_FETCH fetches it,
+where a second entry wakes a second thread to contend with the first for the GIL, which costs
+more than the wait. But a request that waits for another (an interrupt, a lock) would then hold
+up every caller on its CPU, hence two by default.
+
+For a filesystem with ``async def`` handlers, one thread per queue serves all of the queue's
 entries: a coroutine's request keeps its entry until the coroutine ends, when the event loop
 hands the reply over and wakes the thread through an eventfd read kept armed on the same ring.
 As many requests are in flight per queue as there are entries, hence the larger default depth.

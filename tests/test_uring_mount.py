@@ -112,6 +112,8 @@ def test_the_mirror_over_io_uring_passes_files_through(enable_uring, start_serve
     st = status(server)
     assert st["transport"]["kind"] == "io_uring"
     assert st["passthrough"]["negotiated"] and st["passthrough"]["opens"] >= 2
+    # One entry per queue for the mirror (its handlers never wait for one another); two elsewhere.
+    assert [q["entries"] for q in st["transport"]["queues"]] == [1] * QUEUES
 
 
 def test_with_enable_uring_off_the_mount_serves_through_dev_fuse_and_says_how_to_turn_it_on(
@@ -163,7 +165,7 @@ def test_closing_an_in_process_session_leaves_no_ring_thread_or_mapping(enable_u
 def test_abort_ends_the_rings_and_the_server(enable_uring, start_server):
     server = start_server(python_module("fusepass.examples.memfs", "-o", "io_uring"))
     (server.mountpoint / "f").touch()
-    assert ring_descriptors(server.proc.pid) == 2 * QUEUES
+    assert ring_descriptors(server.proc.pid) == uring_transport.DEFAULT_DEPTH * QUEUES
     assert server.connection is not None and mountmod.abort_connection(server.connection)
     assert server.proc.wait(20) == 0
     assert not server.mounted()  # the server unmounts the aborted mount point on its way out

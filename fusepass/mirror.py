@@ -946,7 +946,7 @@ class Mirror(Operations):
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, listing: DirListing) -> None:
         """A READDIR is answered from the directory stream alone (name, inode number and type);
         only READDIRPLUS, whose entries carry attributes and count lookups, stats each name."""
-        d = self._dirs[fh]
+        d = self._dir(fh)
         if offset == 0 or d.entries is None:
             d.entries = self._snapshot(ino, d.fd)
             d.packed, d.ends = b"", []
@@ -1001,7 +1001,15 @@ class Mirror(Operations):
             os.close(d.fd)
 
     def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        os.fsync(self._dirs[fh].fd)
+        os.fsync(self._dir(fh).fd)
+
+    def _dir(self, fh: int) -> _DirHandle:
+        """An open directory; EBADF for a number that is none (one a predecessor had open and a
+        successor could not reopen: the directory was removed)."""
+        d = self._dirs.get(fh)
+        if d is None:
+            raise OSError(errno.EBADF, "no such open directory")
+        return d
 
     # --- extended attributes --------------------------------------------------------------
 

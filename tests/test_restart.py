@@ -331,6 +331,22 @@ def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, 
     assert supervised.status()["filesystem"]["descriptors"]["kept_by_supervisor"] == 0
 
 
+def test_an_open_directory_removed_before_a_crash_fails_cleanly_after_it(supervised: Supervised) -> None:
+    """Not kept (only files are): a directory removed while open cannot be reopened by a successor;
+    its listing then fails with ESTALE (not EIO), and the mount serves on."""
+    (supervised.mnt / "d").mkdir()
+    fd = os.open(supervised.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (supervised.mnt / "d").rmdir()
+        supervised.kill_server()
+        with pytest.raises(OSError) as e:
+            os.listdir(fd)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert os.listdir(supervised.mnt) == []
+
+
 def test_a_shared_writable_mapping_outlives_its_server(supervised: Supervised) -> None:
     """Pages written through a MAP_SHARED mapping before, between and after two server deaths are
     all stored once msync returns (served: written back through the successor's reopened file)."""

@@ -61,7 +61,7 @@ class State:
     dirs: dict[int, tuple[int, int]] = field(default_factory=dict)  # fh -> (nodeid, unique)
     backing: dict[int, int] = field(default_factory=dict)  # nodeid -> backing id
     max_nodeid: int = 0  # the highest node id ever handed out: never reused
-    max_backing: int = 0  # the highest backing id ever recorded (``Journal.unrecorded_backing``)
+    max_backing: int = 0  # the highest backing id ever recorded (``BackingRegistry.restore`` looks past it)
     #: Requests (by unique, without the resend bit) whose change was begun: if one comes again,
     #: resent, its change may have been made already.
     intents: OrderedDict[int, None] = field(default_factory=OrderedDict)

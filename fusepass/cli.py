@@ -25,7 +25,7 @@ from . import mount as mountmod
 from .audit import AuditLog
 from .device import Device
 from .journal import Journal
-from .mirror import IO_URING_DEPTH, Mirror, stacked_source
+from .mirror import Mirror, stacked_source
 from .mount import MountError, MountOptions
 from .negotiate import PASSTHROUGH_MODES
 from .policy import Policy, RuleError, parse_rules, rules_from_toml
@@ -150,8 +150,7 @@ class _Plan:
         io_uring = False if a.supervise else self.uring.enabled
         return Session(fs or self.make_fs(), self.mountpoint, self.options, threads=a.threads,
                        passthrough=a.passthrough, max_stack_depth=self.max_stack_depth, debug=a.debug,
-                       request_timeout=a.request_timeout, io_uring=io_uring,
-                       io_uring_depth=self.uring.depth or IO_URING_DEPTH, **kw)
+                       request_timeout=a.request_timeout, io_uring=io_uring, io_uring_depth=self.uring.depth, **kw)
 
     def supervised(self) -> ServerMain:
         """One server under the supervisor, its filesystem made now (before it has the connection:

@@ -64,11 +64,6 @@ _DOTS = (b".", b"..")
 _IDENTITY = struct.Struct("<QQI")
 # Flags an open file is reopened with after a restart: without what creating or truncating asked.
 _REOPEN_DROP = _OPEN_DROP | os.O_TRUNC | os.O_TMPFILE
-#: Ring entries per io_uring queue unless ``-o io_uring_depth`` says otherwise: the mirror's handlers
-#: never wait for one another, so one entry, whose thread fetches a request that overlaps the last
-#: (a background RELEASE, the next LOOKUP) with its COMMIT_AND_FETCH instead of waking a second
-#: thread to contend for the GIL (issue 17: creates 10-20 % faster, untar 15-25 %).
-IO_URING_DEPTH = 1
 #: Cache timeouts (seconds) for names and attributes: without a watcher, changes made in the source
 #: directly show through the mount within this time; with one, the kernel keeps what it has until told.
 SHORT_TIMEOUT = 1.0
@@ -123,6 +118,9 @@ class Mirror(Operations):
     mount is the only writer). ``max_path_fds`` bounds the O_PATH descriptor cache."""
 
     readdirplus = True
+    #: Its handlers never wait for one another: one ring entry per queue (``Operations``; creates
+    #: 10-20 % faster over the ring, untar 15-25 %); ``-o io_uring_depth`` for a slow source.
+    io_uring_depth = 1
 
     def __init__(self, source: str, *, timeout: float | None = None, max_path_fds: int = 8192,
                  watch: bool = True) -> None:
@@ -165,6 +163,7 @@ class Mirror(Operations):
         self.journal: Journal | None = None
         self.fh_base = 0
         self._placeholders: set[int] = set()  # numbers of open files a successor could not reopen
+        self._appending: set[int] = set()  # under a supervisor, open files opened O_APPEND (``_hold``)
         if watch and not self.handles:
             self.watch_why_not = ("file handles cannot be opened without CAP_DAC_READ_SEARCH, so changed files "
                                   "cannot be named")
@@ -359,8 +358,7 @@ class Mirror(Operations):
         os.close(fd)
         assert inode is not None
         with self._lock:
-            self._files[fh] = inode
-            inode.opens += 1
+            self._hold(fh, inode, flags)
 
     # --- the inode table ---------------------------------------------------------------
 
@@ -761,6 +759,14 @@ class Mirror(Operations):
             else:
                 os.rename(name, newname, src_dir_fd=oldfd, dst_dir_fd=newfd)
 
+    def _hold(self, fh: int, inode: Inode, flags: int) -> None:
+        """Count open file ``fh`` of ``inode`` (lock held); under a supervisor, remember one opened
+        O_APPEND: its served writes are journaled (``_journaled_append``)."""
+        self._files[fh] = inode
+        inode.opens += 1
+        if flags & os.O_APPEND and self.journal is not None:
+            self._appending.add(fh)
+
     def _keep_if_last_name(self, dirfd: int, name: bytes) -> None:
         """Under a supervisor, a file open through the mount that is about to lose its last name
         (``name`` in ``dirfd``) is given to the supervisor first: a successor can then reopen it."""
@@ -798,8 +804,7 @@ class Mirror(Operations):
             fd = _move_up(fd, self.fh_base)
             self.journal.opened(fd, inode.nodeid, flags, ctx.unique)
         with self._lock:
-            self._files[fd] = inode
-            inode.opens += 1
+            self._hold(fd, inode, flags)
             if self.passthrough and not serve and ctx.pid not in inode.openers:
                 inode.openers = (ctx.pid, *inode.openers[:3])
         # Watched, a served file's cached pages stay true across opens (the watcher drops them when
@@ -877,7 +882,7 @@ class Mirror(Operations):
             if capability is not None:
                 os.setxattr(fh, _CAPABILITY, capability)
             return written
-        if self.journal is not None and fcntl.fcntl(fh, fcntl.F_GETFL) & os.O_APPEND:
+        if fh in self._appending:
             return self._journaled_append(ctx, fh, data)
         return os.pwrite(fh, data, offset)
 
@@ -899,6 +904,7 @@ class Mirror(Operations):
             inode = self._files.pop(fh, None)
             placeholder = fh in self._placeholders
             self._placeholders.discard(fh)
+            self._appending.discard(fh)
             if inode is not None:
                 inode.opens -= 1
                 if inode.kept and not inode.opens:
@@ -946,7 +952,7 @@ class Mirror(Operations):
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int, listing: DirListing) -> None:
         """A READDIR is answered from the directory stream alone (name, inode number and type);
         only READDIRPLUS, whose entries carry attributes and count lookups, stats each name."""
-        d = self._dir(fh)
+        d = self._dirs[fh]
         if offset == 0 or d.entries is None:
             d.entries = self._snapshot(ino, d.fd)
             d.packed, d.ends = b"", []
@@ -1001,15 +1007,7 @@ class Mirror(Operations):
             os.close(d.fd)
 
     def fsyncdir(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
-        os.fsync(self._dir(fh).fd)
-
-    def _dir(self, fh: int) -> _DirHandle:
-        """An open directory; EBADF for a number that is none (one a predecessor had open and a
-        successor could not reopen: the directory was removed)."""
-        d = self._dirs.get(fh)
-        if d is None:
-            raise OSError(errno.EBADF, "no such open directory")
-        return d
+        os.fsync(self._dirs[fh].fd)
 
     # --- extended attributes --------------------------------------------------------------
 

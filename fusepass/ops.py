@@ -305,12 +305,19 @@ class Operations:
     which returns attributes (and entries) with names. Set them as class or instance
     attributes before the session starts. To drop what the kernel cached after a change it
     did not see, see the notifications in the tutorial.
+
+    **io_uring.** ``io_uring_depth``: the ring entries per queue this filesystem asks for when the
+    session is not told (None: the transport's default, two). One is faster for handlers that
+    never wait for one another: a request that overlaps the last (a background RELEASE) waits in
+    the kernel and the same thread fetches it, instead of a second thread contending for the GIL;
+    but a handler that blocks (on an interrupt, a lock, a slow disk) then holds up its CPU's callers.
     """
 
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     negative_timeout: float = 0.0
     readdirplus: bool = False
+    io_uring_depth: int | None = None
 
     # lifecycle
     def init(self, conn: ConnectionInfo) -> None:

@@ -90,8 +90,9 @@ class Session:
     kernel and the process allow it, else through /dev/fuse, with the reason in
     ``io_uring_why_not`` (default: on if the environment variable FUSEPASS_IO_URING is 1 or ``require``;
     with ``require`` a session left to that default fails instead of falling back).
-    ``io_uring_depth``: ring entries per queue (default: 2, each with its own thread; for ``async def``
-    handlers 1024 on one thread per queue, at most ``max_in_flight``). INIT, FORGET, INTERRUPT and
+    ``io_uring_depth``: ring entries per queue (default: the filesystem's ``io_uring_depth``, else 2,
+    each with its own thread; for ``async def`` handlers 1024 on one thread per queue, at most
+    ``max_in_flight``). INIT, FORGET, INTERRUPT and
     notifications use /dev/fuse in any case (one worker there while the ring serves).
     """
 
@@ -137,7 +138,7 @@ class Session:
         self.io_uring_requested = from_env in ("1", "require") if io_uring is None else io_uring
         #: The environment's default said ``require``: a fallback to /dev/fuse is a failure.
         self.io_uring_required = io_uring is None and from_env == "require"
-        self.io_uring_depth = io_uring_depth
+        self.io_uring_depth = io_uring_depth if io_uring_depth is not None else getattr(fs, "io_uring_depth", None)
         self.uring: UringTransport | None = None  # the ring entries, once prepared
         self.io_uring_why_not: str | None = None if self.io_uring_requested else "not asked for (-o io_uring)"
         self.started = time.time()

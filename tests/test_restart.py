@@ -331,20 +331,42 @@ def test_a_file_open_without_a_name_outlives_its_server(supervised: Supervised, 
     assert supervised.status()["filesystem"]["descriptors"]["kept_by_supervisor"] == 0
 
 
-def test_an_open_directory_removed_before_a_crash_fails_cleanly_after_it(supervised: Supervised) -> None:
-    """Not kept (only files are): a directory removed while open cannot be reopened by a successor;
-    its listing then fails with ESTALE (not EIO), and the mount serves on."""
+@pytest.mark.parametrize("where", ["through the mount", "in the source while no server watched"])
+def test_an_open_directory_removed_before_a_crash_fails_cleanly_after_it(supervised: Supervised, where: str) -> None:
+    """Not kept (only files are): a directory removed while open cannot be reopened by a successor.
+    Its listing then fails with a clean errno, never EIO, and the mount serves on: ESTALE from the
+    node's attributes (which the kernel asks for first), or ENOENT from the kernel itself where it
+    saw the removal."""
     (supervised.mnt / "d").mkdir()
     fd = os.open(supervised.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        (supervised.mnt / "d").rmdir()
-        supervised.kill_server()
+        if where == "through the mount":
+            (supervised.mnt / "d").rmdir()
+            supervised.kill_server()
+        else:
+            old = supervised.server_pid()
+            assert old is not None
+            os.kill(old, signal.SIGSTOP)  # its watcher reads no more: the kernel hears nothing of the removal
+            try:
+                (supervised.source / "d").rmdir()
+            finally:
+                os.kill(old, signal.SIGKILL)
+            supervised.pids.add(poll_until(supervised.server_pid, lambda pid: pid not in (None, old),
+                                           "a new server answers"))
         with pytest.raises(OSError) as e:
-            os.listdir(fd)
+            os.listdir(fd)  # fdopendir's fstat: GETATTR of the node
         assert e.value.errno == errno.ESTALE
+        assert getdents_errno(fd) == (errno.ENOENT if where == "through the mount" else errno.ESTALE)
     finally:
         os.close(fd)
     assert os.listdir(supervised.mnt) == []
+
+
+def getdents_errno(fd: int) -> int:
+    """The errno of getdents64(2) on ``fd`` (0 if it succeeded): a listing without fdopendir's fstat."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(4096)
+    return 0 if libc.syscall(217, fd, buf, len(buf)) >= 0 else ctypes.get_errno()  # SYS_getdents64 on x86-64
 
 
 def test_a_shared_writable_mapping_outlives_its_server(supervised: Supervised) -> None:

@@ -390,14 +390,14 @@ class Dispatcher:
                 self.registry.release(nodeid)
 
     def _released_already(self, r: P.Release, is_dir: bool) -> bool:
-        """Whether a resent release is of a handle a predecessor released already: the journal no
-        longer holds it, or holds another open under its number, opened by a request the kernel
-        sent after this release (uniques grow: a file's release is sent after its open)."""
+        """Whether a resent release was carried out by a predecessor (the journal says so: its
+        handle's number may be another open's since, even one the kernel sent before this release,
+        served concurrently), or is of a handle the journal never held."""
         if self.journal is None or not r.header.unique & abi.UNIQUE_RESEND:
             return False
         state = self.journal.state
         held = state.dirs.get(r.fh) if is_dir else state.files.get(r.fh)
-        return held is None or held[-1] > r.header.unique & ~abi.UNIQUE_RESEND
+        return held is None or self.journal.released_already(r.header.unique & ~abi.UNIQUE_RESEND)
 
     def _refusal(self, h: P.InHeader, e: OSError) -> tuple[Sequence[P.Buffer], int]:
         """The reply to a handler's OSError, and the errno to count (0 for a negative entry:

@@ -43,7 +43,7 @@ _COUNTED = struct.Struct("<QQQ")  # the request's unique, nodeid, n
 _APPEND = struct.Struct("<QQ")  # the request's unique, the file's size before its O_APPEND write
 
 (INIT, NODE, LOOKUP, FORGET, OPEN, RELEASE, BACKING, UNBACKED, INTENT, COUNTED, UNCOUNTED, APPEND, KEPT,
- UNKEPT, MAX_BACKING) = range(1, 16)
+ UNKEPT, MAX_BACKING, RELEASED) = range(1, 17)
 #: Changes begun that are remembered (the kernel's uniques never repeat: only the latest matter).
 KEEP_INTENTS = 4096
 #: The log is compacted when it is this many times the size of the live state (and at least MIN_COMPACT).
@@ -70,6 +70,9 @@ class State:
     counted: OrderedDict[int, list[tuple[int, int]]] = field(default_factory=OrderedDict)
     #: Where recent O_APPEND writes began (by unique, without the resend bit): a resent one may be made.
     appends: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    #: Recent RELEASE and RELEASEDIR requests carried out (by unique, without the resend bit): one
+    #: resent was made already, though its handle's number may be another open's since.
+    released: OrderedDict[int, None] = field(default_factory=OrderedDict)
     #: Nodes whose file the supervisor holds a descriptor of (``Journal.keep``).
     kept: set[int] = field(default_factory=set)
 
@@ -105,9 +108,9 @@ class State:
         elif kind == UNBACKED:
             self.backing.pop(_ID.unpack(payload)[0], None)
         elif kind == INTENT:
-            self.intents[_ID.unpack(payload)[0]] = None
-            if len(self.intents) > KEEP_INTENTS:
-                self.intents.popitem(last=False)
+            _remember(self.intents, _ID.unpack(payload)[0])
+        elif kind == RELEASED:
+            _remember(self.released, _ID.unpack(payload)[0])
         elif kind == COUNTED:
             unique, nodeid, n = _COUNTED.unpack(payload)
             self.counted.setdefault(unique, []).append((nodeid, n))
@@ -146,11 +149,19 @@ class State:
         for nodeid, backing_id in self.backing.items():
             out.append((BACKING, _BACKING.pack(nodeid, backing_id)))
         out += [(INTENT, _ID.pack(unique)) for unique in self.intents]
+        out += [(RELEASED, _ID.pack(unique)) for unique in self.released]
         out += [(COUNTED, _COUNTED.pack(unique, nodeid, n)) for unique, items in self.counted.items()
                 for nodeid, n in items]
         out += [(APPEND, _APPEND.pack(unique, size)) for unique, size in self.appends.items()]
         out += [(KEPT, _ID.pack(nodeid)) for nodeid in self.kept]
         return out
+
+
+def _remember(recent: OrderedDict[int, None], unique: int) -> None:
+    """Add ``unique`` to a bounded record of recent requests (only the latest can come again)."""
+    recent[unique] = None
+    if len(recent) > KEEP_INTENTS:
+        recent.popitem(last=False)
 
 
 def _record(kind: int, payload: bytes) -> bytes:
@@ -218,10 +229,10 @@ class Journal:
 
     def node(self, nodeid: int, identity: bytes) -> None:
         """A node id handed out for the first time, with one lookup."""
-        self._append(NODE, _NODE.pack(nodeid, 1) + identity, self._counted(nodeid, 1))
+        self._append(NODE, _NODE.pack(nodeid, 1) + identity, *self._counted(nodeid, 1))
 
     def lookup(self, nodeid: int, n: int = 1) -> None:
-        self._append(LOOKUP, _COUNT.pack(nodeid, n), self._counted(nodeid, n))
+        self._append(LOOKUP, _COUNT.pack(nodeid, n), *self._counted(nodeid, n))
 
     def uncount(self, unique: int) -> list[tuple[int, int]]:
         """The lookups (nodeid, n) a predecessor counted for request ``unique`` (without the resend
@@ -234,9 +245,10 @@ class Journal:
             self._append(UNCOUNTED, _ID.pack(unique))
         return items or []
 
-    def _counted(self, nodeid: int, n: int) -> bytes:
+    def _counted(self, nodeid: int, n: int) -> tuple[int, bytes] | tuple[()]:
+        """The COUNTED record of a lookup counted for the request this thread serves, if any."""
         unique = getattr(self._serving, "unique", 0)
-        return _record(COUNTED, _COUNTED.pack(unique, nodeid, n)) if unique else b""
+        return (COUNTED, _COUNTED.pack(unique, nodeid, n)) if unique else ()
 
     def forget(self, nodeid: int, n: int) -> None:
         self._append(FORGET, _COUNT.pack(nodeid, n))
@@ -251,8 +263,13 @@ class Journal:
             files = [(fh, nodeid, False) for fh, (nodeid, _, u) in self.state.files.items() if u == unique]
             return files + [(fh, nodeid, True) for fh, (nodeid, u) in self.state.dirs.items() if u == unique]
 
-    def released(self, fh: int, is_dir: bool = False) -> None:
-        self._append(RELEASE, _RELEASE.pack(fh, is_dir))
+    def released(self, fh: int, unique: int, is_dir: bool = False) -> None:
+        """Handle ``fh`` is released, by request ``unique`` (the resend bit is dropped)."""
+        self._append(RELEASE, _RELEASE.pack(fh, is_dir), RELEASED, _ID.pack(unique & ~RESEND_BIT))
+
+    def released_already(self, unique: int) -> bool:
+        """Whether release request ``unique`` (without the resend bit) was carried out, here or by a predecessor."""
+        return unique in self.state.released
 
     def backing(self, nodeid: int, backing_id: int) -> None:
         self._append(BACKING, _BACKING.pack(nodeid, backing_id))
@@ -291,13 +308,13 @@ class Journal:
         """Whether a predecessor began the change of request ``unique`` (without the resend bit)."""
         return unique in self.state.intents
 
-    def _append(self, kind: int, payload: bytes, counted: bytes = b"") -> None:
-        """One record, and the COUNTED record of a lookup in the same ``pwrite``."""
-        record = _record(kind, payload) + counted
+    def _append(self, kind: int, payload: bytes, also_kind: int = 0, also: bytes = b"") -> None:
+        """One record, and one that goes with it (``also_kind``, ``also``) in the same ``pwrite``."""
+        record = _record(kind, payload) + (_record(also_kind, also) if also_kind else b"")
         with self._lock:
             self.state.apply(kind, payload)
-            if counted:
-                self.state.apply(COUNTED, counted[_RECORD.size:])
+            if also_kind:
+                self.state.apply(also_kind, also)
             os.pwrite(self.fds[self._active], record, self._end)
             self._end += len(record)
             self.records_written += 1

@@ -912,7 +912,7 @@ class Mirror(Operations):
                     self.journal.let_go(inode.nodeid)
                     inode.kept = False
         if self.journal is not None:
-            self.journal.released(fh)
+            self.journal.released(fh, ctx.unique)
         if inode is None and not placeholder:
             raise OSError(errno.EBADF, "no such open file")  # never close a number that is not its own
         os.close(fh)
@@ -1002,7 +1002,7 @@ class Mirror(Operations):
         with self._lock:
             d = self._dirs.pop(fh, None)
         if self.journal is not None:
-            self.journal.released(fh, is_dir=True)
+            self.journal.released(fh, ctx.unique, is_dir=True)
         if d is not None:
             os.close(d.fd)
 

@@ -179,6 +179,36 @@ def test_a_resent_release_of_a_number_opened_again_since_is_not_done_twice(tmp_p
     k.dispatcher.fs.destroy()
 
 
+def test_a_resent_release_whose_number_an_earlier_open_took_is_not_done_twice(tmp_path: Path,
+                                                                              files: tuple[int, int]) -> None:
+    """Served concurrently, an OPEN the kernel sent before a RELEASE may take the number that
+    release frees: the journal then holds the number for an open older than the release, which
+    must still be seen as done when it comes again, resent (or the later open is closed, and the
+    inode's backing id with it while the kernel still uses it)."""
+    (tmp_path / "f").write_bytes(b"x")
+    k = successor(tmp_path, files)
+    k.init()
+    nodeid = abi.ENTRY_OUT.unpack_from(k.call(abi.Opcode.LOOKUP, lookup_body(b"f")).payload)[0]
+    fh = abi.OPEN_OUT.unpack_from(k.call(abi.Opcode.OPEN, abi.OPEN_IN.pack(os.O_RDONLY, 0),
+                                         nodeid=nodeid).payload)[0]
+    opening, open_msg = k.message(abi.Opcode.OPEN, abi.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=nodeid)
+    release, release_msg = k.message(abi.Opcode.RELEASE, abi.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=nodeid)
+    assert opening < release
+    assert k.send(release_msg)[0].error == 0  # served first; its reply lost
+    assert abi.OPEN_OUT.unpack_from(k.send(open_msg)[0].payload)[0] == fh  # the number taken again
+    _, msg = k.message(abi.Opcode.RELEASE, abi.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=nodeid, unique=release | R)
+    assert k.send(msg)[0].error == 0
+    assert fh in k.dispatcher.fs._files  # the later open is still open
+    k.dispatcher.fs.destroy()
+
+    # So is it for a successor, which reads the release from the journal.
+    k = successor(tmp_path, files)
+    _, msg = k.message(abi.Opcode.RELEASE, abi.RELEASE_IN.pack(fh, 0, 0, 0), nodeid=nodeid, unique=release | R)
+    assert k.send(msg)[0].error == 0
+    assert fh in k.dispatcher.fs._files
+    k.dispatcher.fs.destroy()
+
+
 
 def test_a_resent_lookup_is_counted_once(tmp_path: Path, files: tuple[int, int]) -> None:
     """The predecessor counted a lookup and died before its reply reached the kernel, which resends

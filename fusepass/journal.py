@@ -28,6 +28,9 @@ import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+_V = TypeVar("_V")
 
 MAGIC = b"FPJ1"
 RESEND_BIT = 1 << 63  # abi.UNIQUE_RESEND
@@ -108,9 +111,9 @@ class State:
         elif kind == UNBACKED:
             self.backing.pop(_ID.unpack(payload)[0], None)
         elif kind == INTENT:
-            _remember(self.intents, _ID.unpack(payload)[0])
+            _remember(self.intents, _ID.unpack(payload)[0], None)
         elif kind == RELEASED:
-            _remember(self.released, _ID.unpack(payload)[0])
+            _remember(self.released, _ID.unpack(payload)[0], None)
         elif kind == COUNTED:
             unique, nodeid, n = _COUNTED.unpack(payload)
             self.counted.setdefault(unique, []).append((nodeid, n))
@@ -120,9 +123,7 @@ class State:
             self.counted.pop(_ID.unpack(payload)[0], None)
         elif kind == APPEND:
             unique, size = _APPEND.unpack(payload)
-            self.appends[unique] = size
-            if len(self.appends) > KEEP_INTENTS:
-                self.appends.popitem(last=False)
+            _remember(self.appends, unique, size)
         elif kind == KEPT:
             self.kept.add(_ID.unpack(payload)[0])
         elif kind == UNKEPT:
@@ -157,9 +158,9 @@ class State:
         return out
 
 
-def _remember(recent: OrderedDict[int, None], unique: int) -> None:
-    """Add ``unique`` to a bounded record of recent requests (only the latest can come again)."""
-    recent[unique] = None
+def _remember(recent: OrderedDict[int, _V], unique: int, value: _V) -> None:
+    """Add ``unique`` (with ``value``) to a bounded record of recent requests (only the latest can come again)."""
+    recent[unique] = value
     if len(recent) > KEEP_INTENTS:
         recent.popitem(last=False)
 
@@ -229,10 +230,10 @@ class Journal:
 
     def node(self, nodeid: int, identity: bytes) -> None:
         """A node id handed out for the first time, with one lookup."""
-        self._append(NODE, _NODE.pack(nodeid, 1) + identity, *self._counted(nodeid, 1))
+        self._append(NODE, _NODE.pack(nodeid, 1) + identity, self._counted(nodeid, 1))
 
     def lookup(self, nodeid: int, n: int = 1) -> None:
-        self._append(LOOKUP, _COUNT.pack(nodeid, n), *self._counted(nodeid, n))
+        self._append(LOOKUP, _COUNT.pack(nodeid, n), self._counted(nodeid, n))
 
     def uncount(self, unique: int) -> list[tuple[int, int]]:
         """The lookups (nodeid, n) a predecessor counted for request ``unique`` (without the resend
@@ -245,10 +246,10 @@ class Journal:
             self._append(UNCOUNTED, _ID.pack(unique))
         return items or []
 
-    def _counted(self, nodeid: int, n: int) -> tuple[int, bytes] | tuple[()]:
+    def _counted(self, nodeid: int, n: int) -> tuple[int, bytes] | None:
         """The COUNTED record of a lookup counted for the request this thread serves, if any."""
         unique = getattr(self._serving, "unique", 0)
-        return (COUNTED, _COUNTED.pack(unique, nodeid, n)) if unique else ()
+        return (COUNTED, _COUNTED.pack(unique, nodeid, n)) if unique else None
 
     def forget(self, nodeid: int, n: int) -> None:
         self._append(FORGET, _COUNT.pack(nodeid, n))
@@ -265,7 +266,7 @@ class Journal:
 
     def released(self, fh: int, unique: int, is_dir: bool = False) -> None:
         """Handle ``fh`` is released, by request ``unique`` (the resend bit is dropped)."""
-        self._append(RELEASE, _RELEASE.pack(fh, is_dir), RELEASED, _ID.pack(unique & ~RESEND_BIT))
+        self._append(RELEASE, _RELEASE.pack(fh, is_dir), (RELEASED, _ID.pack(unique & ~RESEND_BIT)))
 
     def released_already(self, unique: int) -> bool:
         """Whether release request ``unique`` (without the resend bit) was carried out, here or by a predecessor."""
@@ -308,13 +309,13 @@ class Journal:
         """Whether a predecessor began the change of request ``unique`` (without the resend bit)."""
         return unique in self.state.intents
 
-    def _append(self, kind: int, payload: bytes, also_kind: int = 0, also: bytes = b"") -> None:
-        """One record, and one that goes with it (``also_kind``, ``also``) in the same ``pwrite``."""
-        record = _record(kind, payload) + (_record(also_kind, also) if also_kind else b"")
+    def _append(self, kind: int, payload: bytes, also: tuple[int, bytes] | None = None) -> None:
+        """One record, and ``also`` (kind, payload), one that goes with it, in the same ``pwrite``."""
+        record = _record(kind, payload) + (_record(*also) if also else b"")
         with self._lock:
             self.state.apply(kind, payload)
-            if also_kind:
-                self.state.apply(also_kind, also)
+            if also:
+                self.state.apply(*also)
             os.pwrite(self.fds[self._active], record, self._end)
             self._end += len(record)
             self.records_written += 1

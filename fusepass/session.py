@@ -138,7 +138,7 @@ class Session:
         self.io_uring_requested = from_env in ("1", "require") if io_uring is None else io_uring
         #: The environment's default said ``require``: a fallback to /dev/fuse is a failure.
         self.io_uring_required = io_uring is None and from_env == "require"
-        self.io_uring_depth = io_uring_depth if io_uring_depth is not None else getattr(fs, "io_uring_depth", None)
+        self.io_uring_depth = io_uring_depth if io_uring_depth is not None else fs.io_uring_depth
         self.uring: UringTransport | None = None  # the ring entries, once prepared
         self.io_uring_why_not: str | None = None if self.io_uring_requested else "not asked for (-o io_uring)"
         self.started = time.time()

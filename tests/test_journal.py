@@ -209,7 +209,6 @@ def test_a_resent_release_whose_number_an_earlier_open_took_is_not_done_twice(tm
     k.dispatcher.fs.destroy()
 
 
-
 def test_a_resent_lookup_is_counted_once(tmp_path: Path, files: tuple[int, int]) -> None:
     """The predecessor counted a lookup and died before its reply reached the kernel, which resends
     the LOOKUP: the successor counts it once, so the kernel's one FORGET forgets the node."""
